@@ -1,0 +1,1 @@
+"""One module per ``medseg`` sub-command (see ``medseg.cli``)."""
