@@ -392,7 +392,7 @@ def _type_name(tp: Any) -> str:
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
-        return f"a list of {_type_name(args[0])}"
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], _type_name(args[0]))
     if origin is dict:
         return "a mapping"
     if tp is type(None):
