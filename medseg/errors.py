@@ -41,5 +41,13 @@ class OutputExistsError(MedsegError, FileExistsError):
     """An output file exists (pass ``overwrite=True`` / ``--overwrite``) or would replace an input."""
 
 
+class ArrayValueError(MedsegError, ValueError):
+    """An array given to medseg holds invalid values (fractional/negative labels, NaN/Inf, unsupported dtype)."""
+
+
+class OutputWriteError(MedsegError, OSError):
+    """An output file cannot be written (missing or read-only folder, disk full, failed check)."""
+
+
 class TrainingError(MedsegError, RuntimeError):
     """Training cannot go on (e.g. the loss became NaN/Inf)."""

@@ -1,0 +1,621 @@
+"""Read scans (NIfTI, DICOM series, MetaImage/NRRD) into a :class:`Volume` with exact geometry.
+
+Rules (the full list, with every refusal, is in ``docs/geometry.md``):
+
+* **Format by content.** The first bytes decide: gzip, raw NIfTI-1/2, or DICOM
+  (``DICM`` at byte 128). A DICOM file named ``.nii.gz`` is refused; a raw NIfTI
+  named ``.nii.gz`` (or a gzipped one named ``.nii``) is read with a warning.
+  NIfTI is read with nibabel, fully decompressed, so a truncated or short file
+  raises instead of loading zeros (SimpleITK would load zeros).
+* **qform/sform.** The sform when ``sform_code > 0``, else the qform when
+  ``qform_code > 0``; both codes 0 is refused (no fallback to nibabel's
+  "base affine"). A sheared sform is refused unless ``allow_shear=True`` (then it
+  is kept exactly as written). Both coded and more than 1e-3 mm apart at a
+  field-of-view corner: warning, the sform wins. The codes are kept in
+  ``Geometry.nifti_codes`` so that a mask written for the scan carries them.
+* **Dimensions.** ``(X, Y)`` is a 2D scan; ``(X, Y, Z)`` is 3D (also when
+  ``Z == 1``); ``(X, Y, Z, C)`` is a 3D scan with ``C`` channels (the 4th NIfTI
+  axis, whatever the file calls it); 5 or more axes are refused. The array is
+  always channel-first ``(C, *spatial)``.
+* **Intensities.** ``scl_slope``/``scl_inter`` (NIfTI) and RescaleSlope/Intercept
+  (DICOM) are applied: CT comes back in HU. Integer data with integer scaling
+  stays integer. NaN/Inf voxels, RGB/complex/structured voxel types are refused.
+* **DICOM folders.** Every file's header is read with pydicom; files are
+  grouped by SeriesInstanceUID; several series need ``series_uid=``. The slices
+  must share orientation, size and pixel spacing, have distinct, uniformly
+  spaced positions along the slice normal and no gantry tilt; only then are the
+  pixels read with SimpleITK, and ITK's geometry is checked against the slice
+  positions. A one-slice series is a 2D scan.
+* **Memory.** The decoded size (voxels x bytes) is compared with the available
+  memory before any voxel is read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import math
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import DicomSeriesError, GeometryError, ScanReadError
+from medseg.io.geometry import Geometry, NiftiCodes, affine_from_lps
+from medseg.io.volume import Volume
+
+__all__ = ["DicomSeries", "list_dicom_series", "read_volume"]
+
+# tolerances (mm unless said otherwise), documented in docs/geometry.md
+SHEAR_TOL = 1e-4  # largest |cos| between two voxel axes of an "orthogonal" sform
+QFORM_SFORM_TOL_MM = 1e-3  # sform vs qform at the field-of-view corners
+IOP_TOL = 1e-4  # ImageOrientationPatient differences between slices
+SPACING_REL_TOL = 1e-2  # slice steps: largest relative deviation from the median step
+DUPLICATE_TOL_MM = 1e-3  # two slices closer than this along the normal are duplicates
+DICOM_POSITION_TOL_MM = 1e-2  # IPP off the slice normal (tilt) and ITK geometry vs IPP
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
+DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+
+
+def read_volume(
+    path: str | os.PathLike, *, series_uid: str | None = None, allow_shear: bool = False
+) -> Volume:
+    """Read a scan file or DICOM series folder with its exact geometry.
+
+    Args:
+        path: ``.nii``/``.nii.gz`` (NIfTI-1 or -2), ``.mha``/``.mhd``/``.nrrd``/``.nhdr``,
+            or a folder holding one DICOM series (files directly in it).
+        series_uid: which series to read when a DICOM folder holds several.
+        allow_shear: keep a sheared (non-orthogonal) NIfTI sform as written instead
+            of refusing it. Masks written for such a scan carry the same sform
+            (and qform_code 0, since a qform cannot hold shear).
+
+    Returns:
+        A :class:`Volume`, array channel-first ``(C, *spatial)``.
+
+    Raises:
+        ScanReadError: missing, empty, truncated, corrupt or unsupported file, NaN/Inf
+            voxels, not enough memory.
+        DicomSeriesError: the folder does not hold exactly one regular series.
+        GeometryError: no usable orientation (both NIfTI codes 0, sheared sform).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ScanReadError(f"{path}: no such file or folder. Check the path.")
+    if path.is_dir():
+        return _read_dicom_folder(path, series_uid)
+    if series_uid is not None:
+        raise ScanReadError(f"{path}: series_uid applies to DICOM folders only; this is a file.")
+    kind = _sniff(path)
+    suffix = _suffix(path)
+    if kind == "dicom":
+        if suffix in NIFTI_SUFFIXES:
+            raise ScanReadError(
+                f"{path}: the extension says {suffix} but the content is DICOM. Rename it and pass "
+                "the folder that holds its series (medseg reads DICOM series folders, not single files)."
+            )
+        raise ScanReadError(
+            f"{path} is a single DICOM file; pass the folder that holds the whole series instead."
+        )
+    if suffix in NIFTI_SUFFIXES:
+        return _read_nifti(path, kind, suffix, allow_shear=allow_shear)
+    if suffix in ITK_SUFFIXES:
+        return _read_itk_file(path)
+    if kind in ("nifti1", "nifti2", "gzip"):
+        warnings.warn(
+            f"{path}: no NIfTI extension, but the content is NIfTI; reading it as NIfTI.", stacklevel=2
+        )
+        return _read_nifti(path, kind, suffix, allow_shear=allow_shear)
+    raise ScanReadError(
+        f"{path}: unsupported file type {suffix or '(no extension)'}. medseg reads .nii/.nii.gz, "
+        ".mha/.mhd/.nrrd/.nhdr files and DICOM series folders."
+    )
+
+
+# --- format sniffing ----------------------------------------------------------
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _nifti_kind(head: bytes) -> str | None:
+    """'nifti1' / 'nifti2' when ``head`` starts like a NIfTI header (either byte order)."""
+    if len(head) >= 348:
+        for order in "<>":
+            size = struct.unpack(order + "i", head[:4])[0]
+            if size == 348 and head[344:347] in (b"n+1", b"ni1"):
+                return "nifti1"
+            if size == 540 and head[4:7] in (b"n+2", b"ni2"):
+                return "nifti2"
+    return None
+
+
+def _sniff(path: Path) -> str:
+    """'gzip', 'nifti1', 'nifti2', 'dicom' or 'unknown', from the first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(540)
+    except OSError as err:
+        raise ScanReadError(
+            f"{path}: cannot be opened ({err.strerror}). Check the path and permissions."
+        ) from err
+    if not head:
+        raise ScanReadError(
+            f"{path} is empty (0 bytes): the file is truncated or was never written. Re-export it."
+        )
+    if head[:2] == b"\x1f\x8b":
+        return "gzip"
+    if len(head) >= 132 and head[128:132] == b"DICM":
+        return "dicom"
+    return _nifti_kind(head) or "unknown"
+
+
+# --- memory -------------------------------------------------------------------
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62  # unknown: do not block
+
+
+def _check_memory(path: Path, shape, itemsize: int) -> None:
+    """Refuse before reading when the decoded voxels (plus one working copy) do not fit in memory."""
+    needed = 2 * math.prod(int(s) for s in shape) * int(itemsize)
+    available = _available_memory()
+    if needed > available:
+        raise ScanReadError(
+            f"{path}: the header declares {tuple(int(s) for s in shape)} voxels of {itemsize} bytes, which needs "
+            f"about {needed / 2**30:.1f} GiB of memory but only {available / 2**30:.1f} GiB is available. "
+            "The header may be corrupt (a decompression bomb); otherwise crop or downsample the scan first."
+        )
+
+
+# --- voxel checks -------------------------------------------------------------
+def _check_voxels(path: Path, data: np.ndarray) -> None:
+    """Refuse non-numeric voxel types and NaN/Inf values."""
+    if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        raise ScanReadError(
+            f"{path}: voxel type {data.dtype} is not supported (RGB, complex or structured). "
+            "Expected one grey value per voxel; convert it to a single-channel (or 4D multi-channel) scan."
+        )
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        count = int(np.count_nonzero(bad))
+        if count:
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ScanReadError(
+                f"{path}: {count} voxel(s) are NaN or Inf (first at index {first}). "
+                "Scans must hold finite intensities; fix or replace those voxels (e.g. numpy.nan_to_num) first."
+            )
+
+
+def _apply_scaling(raw: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """Apply NIfTI scl_slope/scl_inter; integers stay integers when the scaling is integral."""
+    if not np.isfinite(slope) or slope == 0:
+        slope = 1.0
+    if not np.isfinite(inter):
+        inter = 0.0
+    if slope == 1.0 and inter == 0.0:
+        return raw
+    if raw.dtype.kind in "iu" and float(slope).is_integer() and float(inter).is_integer():
+        lo, hi = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
+        ends = [lo * slope + inter, hi * slope + inter]
+        for dtype in (np.int16, np.int32, np.int64):
+            info = np.iinfo(dtype)
+            if info.min <= min(ends) and max(ends) <= info.max:
+                return raw.astype(dtype) * dtype(slope) + dtype(inter)
+    float_type = np.float32 if raw.dtype.itemsize <= 2 or raw.dtype == np.float32 else np.float64
+    return raw.astype(float_type) * float_type(slope) + float_type(inter)
+
+
+# --- NIfTI ----------------------------------------------------------------------
+def _read_nifti(path: Path, kind: str, suffix: str, *, allow_shear: bool) -> Volume:
+    import nibabel as nib
+
+    if kind == "unknown":
+        raise ScanReadError(
+            f"{path}: not a NIfTI file (no gzip or NIfTI header magic). The file is corrupt or has the wrong "
+            "extension."
+        )
+    compressed = kind == "gzip"
+    if compressed != (suffix == ".nii.gz") and suffix in NIFTI_SUFFIXES:
+        content = "gzip-compressed" if compressed else "uncompressed"
+        warnings.warn(
+            f"{path}: the name ends in {suffix} but the content is {content} NIfTI; reading it by content. "
+            "Rename the file to match.",
+            stacklevel=3,
+        )
+    try:
+        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+            head = f.read(540)
+            inner = _nifti_kind(head)
+            if inner is None:
+                raise ScanReadError(f"{path}: a gzip file, but what it holds is not a NIfTI header.")
+            image_class = nib.Nifti2Image if inner == "nifti2" else nib.Nifti1Image
+            # the fixed-size part only: its extensions come with the full read below
+            size = 540 if inner == "nifti2" else 348
+            header = image_class.header_class.from_fileobj(io.BytesIO(head[:size]))
+            shape = tuple(int(s) for s in header.get_data_shape())
+            if len(shape) not in (2, 3, 4) or any(s < 1 for s in shape):
+                raise ScanReadError(
+                    f"{path}: {len(shape)}D image of shape {shape} is not supported. Expected (X, Y), (X, Y, Z) "
+                    "or (X, Y, Z, C) with C channels on the 4th axis."
+                )
+            _check_memory(path, shape, max(header.get_data_dtype().itemsize, 4))
+            # the whole stream, to its end: a truncated file or a bad gzip CRC raises here
+            f.seek(0)
+            content = f.read()
+        img = image_class.from_bytes(content)
+        raw = np.asanyarray(img.dataobj.get_unscaled())
+        slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
+    except ScanReadError:
+        raise
+    except (
+        OSError,
+        EOFError,
+        zlib.error,
+        ValueError,
+        nib.filebasedimages.ImageFileError,
+        nib.spatialimages.HeaderDataError,
+    ) as err:
+        raise ScanReadError(
+            f"{path}: truncated or corrupt NIfTI file ({type(err).__name__}: {err}). Re-export or re-copy it."
+        ) from err
+    del content
+    _check_voxels(path, raw)
+    data = _apply_scaling(raw, slope, inter)
+    _check_voxels(path, data)
+
+    geometry = _nifti_geometry(path, header, shape[:3], allow_shear=allow_shear)
+    array = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[np.newaxis]
+    return Volume(array=array, geometry=geometry, path=path, meta={"format": "nifti"})
+
+
+def _nifti_geometry(path: Path, header, shape: tuple[int, ...], *, allow_shear: bool) -> Geometry:
+    sform, scode = header.get_sform(coded=True)
+    qform, qcode = header.get_qform(coded=True)
+    scode, qcode = int(scode or 0), int(qcode or 0)
+    if scode > 0:
+        affine = np.asarray(sform, dtype=np.float64)
+    elif qcode > 0:
+        affine = np.asarray(qform, dtype=np.float64)
+    else:
+        raise GeometryError(
+            f"{path}: the NIfTI header has no orientation (qform_code and sform_code are both 0), so where "
+            "the voxels lie in the patient is unknown. Set the correct orientation, e.g. with nibabel "
+            "(img.set_sform(affine, code=1)) or fslorient, then retry."
+        )
+    unit_scale = {"meter": 1000.0, "micron": 1e-3}.get(header.get_xyzt_units()[0])
+    if unit_scale is not None:
+        warnings.warn(
+            f"{path}: spatial units are {header.get_xyzt_units()[0]}s; converting the geometry to mm.",
+            stacklevel=4,
+        )
+        affine = np.diag([unit_scale] * 3 + [1.0]) @ affine
+    try:
+        geometry = Geometry(shape=shape, affine=affine, nifti_codes=NiftiCodes(qcode, scode), source="nifti")
+    except GeometryError as err:
+        raise GeometryError(f"{path}: {err} Fix the header's sform/qform.") from err
+    if scode > 0 and geometry.shear > SHEAR_TOL and not allow_shear:
+        raise GeometryError(
+            f"{path}: the sform is sheared (voxel axes not orthogonal, largest |cos| {geometry.shear:.3g} > "
+            f"{SHEAR_TOL}); ITK-based tools would place it differently. Resample the scan onto an orthogonal grid, "
+            "or, if the qform is the intended geometry, copy it into the sform (nibabel: "
+            "img.set_sform(img.get_qform(), code=1)); or pass allow_shear=True to keep the sheared sform."
+        )
+    if scode > 0 and qcode > 0:
+        q_affine = qform if unit_scale is None else np.diag([unit_scale] * 3 + [1.0]) @ qform
+        q_geometry = Geometry(shape=shape, affine=q_affine)
+        distance = geometry.max_corner_distance(q_geometry)
+        if distance > QFORM_SFORM_TOL_MM:
+            warnings.warn(
+                f"{path}: the sform (code {scode}) and the qform (code {qcode}) disagree by up to {distance:.3g} mm "
+                "at the field-of-view corners; using the sform (as nibabel does). Viewers that prefer the qform "
+                "will show the scan elsewhere.",
+                stacklevel=4,
+            )
+    return geometry
+
+
+# --- MetaImage / NRRD -------------------------------------------------------------
+def _read_itk_file(path: Path) -> Volume:
+    import SimpleITK as sitk
+
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    try:
+        reader.ReadImageInformation()
+        size = reader.GetSize()
+        components = reader.GetNumberOfComponents()
+        if len(size) not in (2, 3):
+            raise ScanReadError(f"{path}: {len(size)}D image {size} is not supported; expected 2D or 3D.")
+        if components != 1:
+            raise ScanReadError(
+                f"{path}: {components} values per voxel (vector/RGB pixels) are not supported; expected one grey "
+                "value per voxel."
+            )
+        _check_memory(path, size, 8)
+        image = reader.Execute()
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise ScanReadError(
+            f"{path}: cannot be read by SimpleITK, the file is corrupt or truncated ({first})."
+        ) from err
+    ndim = image.GetDimension()
+    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(ndim, ndim)
+    if np.max(np.abs(direction.T @ direction - np.eye(ndim))) > SHEAR_TOL:
+        raise GeometryError(
+            f"{path}: the direction matrix is not orthonormal ({direction.tolist()}); resample the scan onto an "
+            "orthogonal grid first."
+        )
+    full_direction = np.eye(3)
+    full_direction[:ndim, :ndim] = direction
+    affine = affine_from_lps(full_direction, [*image.GetSpacing(), 1.0][:3], [*image.GetOrigin(), 0.0][:3])
+    data = sitk.GetArrayFromImage(image).T  # ITK array is (z, y, x): back to (x, y, z)
+    _check_voxels(path, data)
+    geometry = Geometry(shape=data.shape, affine=affine, source=_suffix(path).lstrip("."))
+    return Volume(
+        array=data[np.newaxis], geometry=geometry, path=path, meta={"format": _suffix(path).lstrip(".")}
+    )
+
+
+# --- DICOM --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DicomSeries:
+    """One series found in a DICOM folder (no patient data).
+
+    Args:
+        uid: SeriesInstanceUID ("" when the files leave it empty).
+        modality: e.g. "CT", "MR".
+        description: SeriesDescription.
+        files: the series' files, in folder order.
+    """
+
+    uid: str
+    modality: str
+    description: str
+    files: tuple[Path, ...] = field(repr=False)
+
+    @property
+    def num_slices(self) -> int:
+        return len(self.files)
+
+    def summary(self) -> str:
+        """One line: uid, modality, slice count, description."""
+        return (
+            f"uid {self.uid or '(empty)'}  modality {self.modality or '?'}  {self.num_slices} slice(s)  "
+            f"description {self.description!r}"
+        )
+
+
+def _scan_dicom_folder(folder: Path) -> tuple[dict[str, list], int]:
+    """Headers of the DICOM image files directly in ``folder``, grouped by SeriesInstanceUID."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    groups: dict[str, list] = {}
+    skipped = 0
+    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+        if file.name.upper() == "DICOMDIR":
+            continue
+        try:
+            ds = pydicom.dcmread(file, stop_before_pixels=True)
+        except (InvalidDicomError, OSError, EOFError, ValueError, struct.error):
+            skipped += 1
+            continue
+        sop_class = str(getattr(ds.get("file_meta"), "MediaStorageSOPClassUID", ""))
+        if sop_class == DICOMDIR_SOP_CLASS or "Rows" not in ds:
+            skipped += 1  # DICOMDIR, structured reports, RT structures...: not image slices
+            continue
+        groups.setdefault(str(ds.get("SeriesInstanceUID", "")), []).append((file, ds))
+    return groups, skipped
+
+
+def list_dicom_series(folder: str | os.PathLike) -> list[DicomSeries]:
+    """The image series in a DICOM folder (files directly in it; subfolders are not searched).
+
+    Args:
+        folder: a folder of DICOM files (Part 10 files with the ``DICM`` marker).
+
+    Returns:
+        One :class:`DicomSeries` per SeriesInstanceUID, sorted by uid.
+    """
+    folder = Path(folder)
+    groups, _ = _scan_dicom_folder(folder)
+    return [_series_info(uid, items) for uid, items in sorted(groups.items())]
+
+
+def _series_info(uid: str, items: list) -> DicomSeries:
+    ds = items[0][1]
+    return DicomSeries(
+        uid=uid,
+        modality=str(ds.get("Modality", "")),
+        description=str(ds.get("SeriesDescription", "")),
+        files=tuple(file for file, _ in items),
+    )
+
+
+def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
+    groups, skipped = _scan_dicom_folder(folder)
+    if not groups:
+        raise DicomSeriesError(
+            f"{folder}: no DICOM image files found ({skipped} file(s) skipped as not DICOM images). "
+            "Expected a folder holding the DICOM files of one series (subfolders are not searched)."
+        )
+    listing = "\n".join(f"  - {_series_info(uid, items).summary()}" for uid, items in sorted(groups.items()))
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise DicomSeriesError(f"{folder}: no series with uid {series_uid!r}. Series found:\n{listing}")
+        uid = series_uid
+    elif len(groups) > 1:
+        raise DicomSeriesError(
+            f"{folder} holds {len(groups)} DICOM series; choose one with series_uid= (CLI: --series-uid UID):\n"
+            f"{listing}"
+        )
+    else:
+        uid = next(iter(groups))
+    items = groups[uid]
+    files, positions, normal = _validate_series(folder, items)
+    datasets = [ds for _, ds in items]
+    meta = {"format": "dicom", "modality": str(datasets[0].get("Modality", ""))}
+    if series_uid is not None:
+        meta["series_uid"] = series_uid
+    array, geometry = _read_dicom_pixels(folder, files, positions, normal, datasets)
+    return Volume(array=array, geometry=geometry, path=folder, meta=meta)
+
+
+def _validate_series(folder: Path, items: list):
+    """Check the series is one regular, untilted stack; return its files and IPPs sorted along the normal."""
+    names = [file.name for file, _ in items]
+    orientations, positions = [], []
+    for file, ds in items:
+        if int(ds.get("NumberOfFrames", 1) or 1) > 1:
+            raise DicomSeriesError(
+                f"{folder}: {file.name} is a multi-frame (enhanced) DICOM file, which medseg does not read. "
+                "Convert the series to NIfTI first (e.g. dcm2niix)."
+            )
+        iop, ipp = ds.get("ImageOrientationPatient"), ds.get("ImagePositionPatient")
+        if iop is None or ipp is None or len(iop) != 6 or len(ipp) != 3:
+            raise DicomSeriesError(
+                f"{folder}: slice {file.name} has no valid ImageOrientationPatient/ImagePositionPatient; "
+                "slices without a position cannot be placed in a volume."
+            )
+        if int(ds.get("SamplesPerPixel", 1)) != 1:
+            raise DicomSeriesError(f"{folder}: {file.name} has colour (RGB) pixels; expected grey values.")
+        orientations.append(np.array([float(v) for v in iop]))
+        positions.append(np.array([float(v) for v in ipp]))
+    orientations = np.array(orientations)
+    iop_diff = np.max(np.abs(orientations - orientations[0]), axis=1)
+    if np.max(iop_diff) > IOP_TOL:
+        other = int(np.argmax(iop_diff))
+        raise DicomSeriesError(
+            f"{folder}: the slices have different orientations (ImageOrientationPatient), e.g. {names[0]} "
+            f"{np.round(orientations[0], 6).tolist()} vs {names[other]} {np.round(orientations[other], 6).tolist()}. "
+            "This is a localizer or a set of separate planes, not one volume; pick a series with a single "
+            "orientation."
+        )
+    for key in ("Rows", "Columns", "PixelSpacing"):
+        missing = [file.name for file, ds in items if ds.get(key) is None]
+        if missing:
+            raise DicomSeriesError(
+                f"{folder}: slice {missing[0]} has no {key}; the voxel size of the series is unknown."
+            )
+        values = {str(np.round(np.asarray(ds.get(key), dtype=np.float64), 6).tolist()) for _, ds in items}
+        if len(values) > 1:
+            raise DicomSeriesError(
+                f"{folder}: the slices have different {key} ({', '.join(sorted(values))}); expected one value "
+                "for the whole series."
+            )
+    gantry = {float(ds.get("GantryDetectorTilt", 0) or 0) for _, ds in items}
+    tilt = max(abs(g) for g in gantry)
+    if tilt > 1e-3:
+        raise DicomSeriesError(
+            f"{folder}: the series was acquired with gantry tilt {tilt:g} deg (GantryDetectorTilt, 0018,1120), "
+            "so its slices form a sheared grid that medseg does not resample. Convert it with a tool that "
+            "corrects gantry tilt (e.g. dcm2niix) and segment the corrected NIfTI."
+        )
+    row, col = orientations[0][:3], orientations[0][3:]
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
+    normal = np.cross(row, col)
+    normal /= np.linalg.norm(normal)
+    positions = np.array(positions)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    files = [items[i][0] for i in order]
+    positions, along = positions[order], along[order]
+    if len(files) == 1:
+        return files, positions, normal
+    steps = np.diff(along)
+    duplicates = np.flatnonzero(steps < DUPLICATE_TOL_MM)
+    if duplicates.size:
+        i = int(duplicates[0])
+        raise DicomSeriesError(
+            f"{folder}: {duplicates.size} duplicate slice position(s), e.g. {files[i].name} and "
+            f"{files[i + 1].name} both at {along[i]:.3f} mm along the slice normal. The folder mixes "
+            "acquisitions (echoes, phases or a repeated slice); keep one file per position."
+        )
+    step = float(np.median(steps))
+    deviation = np.abs(steps - step) / step
+    if np.max(deviation) > SPACING_REL_TOL:
+        gaps = ", ".join(
+            f"{along[i]:.3f} -> {along[i + 1]:.3f} mm (step {steps[i]:.3f})"
+            for i in np.flatnonzero(deviation > SPACING_REL_TOL)[:5]
+        )
+        raise DicomSeriesError(
+            f"{folder}: slice spacing is not uniform (expected {step:.3f} mm between slices along the normal; "
+            f"gaps at {gaps}). Slices are missing or the series mixes stacks; restore the missing files or "
+            "choose a complete series."
+        )
+    off_normal = positions - positions[0] - np.outer(along - along[0], normal)
+    worst = float(np.max(np.linalg.norm(off_normal, axis=1)))
+    if worst > DICOM_POSITION_TOL_MM:
+        angle = math.degrees(math.atan2(np.linalg.norm(off_normal[-1]), along[-1] - along[0]))
+        raise DicomSeriesError(
+            f"{folder}: slice positions drift off the slice normal by up to {worst:.3g} mm (about {angle:.2f} deg): "
+            "gantry tilt (0018,1120) or a sheared stack, which medseg does not resample. Convert it with a tool "
+            "that corrects gantry tilt (e.g. dcm2niix)."
+        )
+    return files, positions, normal
+
+
+def _read_dicom_pixels(
+    folder: Path, files: list[Path], positions: np.ndarray, normal: np.ndarray, datasets: list
+):
+    import SimpleITK as sitk
+
+    rows, cols = int(datasets[0].Rows), int(datasets[0].Columns)
+    _check_memory(folder, (cols, rows, len(files)), 8)
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames([str(f) for f in files])
+    rescale = {(str(ds.get("RescaleSlope", "1")), str(ds.get("RescaleIntercept", "0"))) for ds in datasets}
+    if len(rescale) > 1:
+        reader.SetOutputPixelType(sitk.sitkFloat32)  # per-slice scaling: keep every slice's values
+    try:
+        image = reader.Execute()
+    except RuntimeError as err:
+        last = str(err).strip().splitlines()[-1] if str(err).strip() else "unknown error"
+        raise DicomSeriesError(f"{folder}: the pixel data cannot be decoded by SimpleITK ({last}).") from err
+    if image.GetNumberOfComponentsPerPixel() != 1 or tuple(image.GetSize()) != (cols, rows, len(files)):
+        raise DicomSeriesError(
+            f"{folder}: SimpleITK read an image of size {image.GetSize()} x {image.GetNumberOfComponentsPerPixel()} "
+            f"component(s); the headers say {cols} x {rows} x {len(files)} grey slices."
+        )
+    data = sitk.GetArrayFromImage(image).T  # (z, y, x) -> (x, y, z)
+    _check_voxels(folder, data)
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    spacing = np.array(image.GetSpacing(), dtype=np.float64)
+    origin = np.array(image.GetOrigin(), dtype=np.float64)
+    if len(files) == 1:
+        direction[:, 2] = normal
+        affine = affine_from_lps(direction, [spacing[0], spacing[1], 1.0], origin)
+        geometry = Geometry(shape=data.shape[:2], affine=affine, source="dicom")
+        array = data[np.newaxis, :, :, 0]
+    else:
+        affine = affine_from_lps(direction, spacing, origin)
+        geometry = Geometry(shape=data.shape, affine=affine, source="dicom")
+        array = data[np.newaxis]
+    # ITK's geometry must put the first and last slices where their IPPs say
+    last_index = [0, 0] if len(files) == 1 else [0, 0, len(files) - 1]
+    built = geometry.voxel_to_world(np.array([[0, 0, 0][: geometry.spatial_dims], last_index]))
+    expected = positions[[0, -1]] * np.array([-1.0, -1.0, 1.0])  # LPS -> RAS
+    error = float(np.max(np.linalg.norm(built - expected, axis=1)))
+    if error > DICOM_POSITION_TOL_MM:
+        raise DicomSeriesError(
+            f"{folder}: SimpleITK's geometry places the first/last slice {error:.3g} mm away from their "
+            "ImagePositionPatient; the series headers are inconsistent. Convert it with dcm2niix and check it."
+        )
+    return array, geometry

@@ -1,0 +1,351 @@
+"""Write masks and images as NIfTI on the input's exact voxel grid, atomically and checked.
+
+Every write goes the same way (``docs/geometry.md`` has the details):
+
+1. Check the target before any work: a ``.nii.gz``/``.nii`` name, an existing
+   folder that accepts a new file, no existing file unless ``overwrite=True``,
+   never the input itself (not even with ``overwrite=True``).
+2. Write into a hidden temporary file in the target folder
+   (``.<name>.<random>.tmp``), with sform = the input's affine and the qform set
+   from the same affine, the input's qform/sform codes (1/1 for non-NIfTI
+   inputs), and nothing else: blank ``descrip``/``aux_file``/``intent_name``, no
+   extensions, no DICOM tags.
+3. Read the temporary file's header back with nibabel and check shape, data type,
+   codes and the field-of-view corners (1e-4 mm, plus the float32 rounding of
+   the header for far-away origins).
+4. ``fsync``, then rename into place. Any failure removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import ArrayValueError, GeometryError, OutputExistsError, OutputWriteError
+from medseg.io.geometry import Geometry, NiftiCodes
+from medseg.io.volume import Volume
+
+__all__ = ["write_mask", "write_volume"]
+
+CORNER_TOL_MM = 1e-4  # written header vs intended grid, before float32 rounding is added
+SHEAR_TOL = 1e-4  # beyond this a qform cannot hold the affine: written with qform_code 0
+FLOAT32_EPS = 2.0**-23
+
+
+def write_mask(mask, like: Volume | Geometry, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write a label mask as NIfTI on the grid of ``like``.
+
+    Args:
+        mask: integer (or bool, or integer-valued float) array of ``like``'s spatial
+            shape, or ``(1, *shape)``. Stored as uint8, or uint16 when a label is
+            above 255.
+        like: the scan the mask belongs to (its geometry and qform/sform codes are
+            copied), or its :class:`Geometry`.
+        path: output file ending in ``.nii.gz`` or ``.nii``.
+        overwrite: replace an existing file (never the input itself).
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputExistsError: the file exists (and ``overwrite`` is False) or is the input.
+        OutputWriteError: the folder is missing or not writable, or the write failed.
+        GeometryError: the mask's shape does not match, or the written header differs.
+        ArrayValueError: negative, fractional, non-finite or too large labels.
+    """
+    return _write_nifti(_mask_data, mask, like, path, overwrite=overwrite, compresslevel=6)
+
+
+def write_volume(array, like: Volume | Geometry, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write an image (e.g. probabilities) as NIfTI on the grid of ``like``.
+
+    Args:
+        array: ``like``'s spatial shape, or channel-first ``(C, *shape)``; several
+            channels are stored on the 4th NIfTI axis (3D grids only), as
+            :func:`~medseg.io.readers.read_volume` reads them back. float32, uint8 and
+            int16 are stored as they are; float64 and float16 are stored as float32
+            (NIfTI-1 has no float16); bool as uint8.
+        like: the scan whose grid and codes to use, or its :class:`Geometry`.
+        path: output file ending in ``.nii.gz`` or ``.nii``.
+        overwrite: replace an existing file (never the input itself).
+
+    Returns:
+        The path written.
+
+    Raises:
+        OutputExistsError, OutputWriteError, GeometryError: as :func:`write_mask`.
+        ArrayValueError: NaN/Inf values or an unsupported data type.
+    """
+    return _write_nifti(_volume_data, array, like, path, overwrite=overwrite, compresslevel=1)
+
+
+# --- array checks -----------------------------------------------------------------
+def _mask_data(mask, geometry: Geometry, target: Path) -> np.ndarray:
+    array = np.asarray(mask)
+    if array.ndim == geometry.spatial_dims + 1 and array.shape[0] == 1:
+        array = array[0]
+    if array.shape != geometry.shape:
+        raise GeometryError(
+            f"cannot write {target}: mask shape {array.shape} does not match the scan's spatial shape "
+            f"{geometry.shape}. Restore the mask to the scan's grid before writing."
+        )
+    if array.dtype.kind == "b":
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f":
+        if not np.all(np.isfinite(array)):
+            raise ArrayValueError(
+                f"cannot write {target}: the mask holds NaN/Inf values; expected integer labels."
+            )
+        fractional = array != np.round(array)
+        if np.any(fractional):
+            examples = sorted({float(v) for v in array[fractional].ravel()[:1000]})[:5]
+            raise ArrayValueError(
+                f"cannot write {target}: the mask has {int(np.count_nonzero(fractional))} non-integer value(s), "
+                f"e.g. {examples}; expected integer labels. Take the argmax of the probabilities (or threshold "
+                "them) first."
+            )
+    elif array.dtype.kind not in "iu":
+        raise ArrayValueError(
+            f"cannot write {target}: mask data type {array.dtype} is not an integer label type."
+        )
+    low, high = (array.min(), array.max()) if array.size else (0, 0)
+    if low < 0:
+        raise ArrayValueError(
+            f"cannot write {target}: the mask has negative labels (min {low}); labels are >= 0."
+        )
+    if high > np.iinfo(np.uint16).max:
+        raise ArrayValueError(
+            f"cannot write {target}: label {high} is above 65535, the largest uint16 label."
+        )
+    return array.astype(np.uint8 if high <= np.iinfo(np.uint8).max else np.uint16)
+
+
+def _volume_data(array, geometry: Geometry, target: Path) -> np.ndarray:
+    data = np.asarray(array)
+    if data.shape != geometry.shape:
+        if data.ndim != geometry.spatial_dims + 1 or data.shape[1:] != geometry.shape:
+            raise GeometryError(
+                f"cannot write {target}: array shape {data.shape} is neither the scan's spatial shape "
+                f"{geometry.shape} nor channel-first (C, *{geometry.shape})."
+            )
+        if data.shape[0] == 1:
+            data = data[0]
+        elif geometry.spatial_dims == 2:
+            raise GeometryError(
+                f"cannot write {target}: a 2D image with {data.shape[0]} channels has no unambiguous NIfTI form; "
+                "write one file per channel."
+            )
+        else:
+            data = np.moveaxis(data, 0, -1)
+    if data.dtype.kind == "b":
+        return data.astype(np.uint8)
+    if data.dtype in (np.float64, np.float16):
+        data = data.astype(np.float32)
+    if data.dtype not in (np.float32, np.uint8, np.int16):
+        raise ArrayValueError(
+            f"cannot write {target}: data type {data.dtype} is not supported; use float32, uint8 or int16 "
+            "(e.g. array.astype(numpy.float32))."
+        )
+    if data.dtype == np.float32 and not np.all(np.isfinite(data)):
+        count = int(np.count_nonzero(~np.isfinite(data)))
+        raise ArrayValueError(f"cannot write {target}: {count} value(s) are NaN/Inf; outputs must be finite.")
+    return data
+
+
+# --- the shared write path ------------------------------------------------------------
+def _write_nifti(
+    convert: Callable[[object, Geometry, Path], np.ndarray],
+    values,
+    like: Volume | Geometry,
+    path: str | os.PathLike,
+    *,
+    overwrite: bool,
+    compresslevel: int,
+) -> Path:
+    if isinstance(like, Volume):
+        geometry, source = like.geometry, like.path
+    elif isinstance(like, Geometry):
+        geometry, source = like, None
+    else:
+        raise TypeError(f"like must be a Volume or a Geometry, got {type(like).__name__}.")
+    target = _check_target(Path(path), source, overwrite=overwrite)
+    temp = _create_temp(target)
+    try:
+        data = convert(values, geometry, target)
+        image, qcode, scode = _nifti_image(data, geometry)
+        with open(temp, "wb") as raw:
+            if _is_gz(target):
+                with gzip.GzipFile(
+                    filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
+                ) as gz:
+                    image.to_stream(gz)
+            else:
+                image.to_stream(raw)
+            raw.flush()
+            os.fsync(raw.fileno())
+        _check_written(temp, target, data, geometry, qcode, scode)
+        _commit(temp, target, overwrite=overwrite)
+    except BaseException as err:
+        temp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and not isinstance(err, (OutputExistsError, OutputWriteError)):
+            raise OutputWriteError(f"writing {target} failed ({err}); nothing was written.") from err
+        raise
+    return target
+
+
+def _is_gz(path: Path) -> bool:
+    return path.name.lower().endswith(".nii.gz")
+
+
+def _check_target(target: Path, source: Path | None, *, overwrite: bool) -> Path:
+    name = target.name.lower()
+    if not (name.endswith(".nii.gz") or name.endswith(".nii")):
+        raise OutputWriteError(
+            f"cannot write {target}: medseg writes NIfTI only; use a name ending in .nii.gz (or .nii). "
+            "Other formats (.mha, .nrrd, DICOM) may carry patient data."
+        )
+    folder = target.parent
+    if not folder.exists():
+        raise OutputWriteError(f"cannot write {target}: the folder {folder} does not exist; create it first.")
+    if not folder.is_dir():
+        raise OutputWriteError(f"cannot write {target}: {folder} is not a folder.")
+    if target.is_dir():
+        raise OutputWriteError(f"cannot write {target}: it is a folder; give a file name ending in .nii.gz.")
+    if source is not None:
+        resolved, source_resolved = target.resolve(), source.resolve()
+        same = resolved == source_resolved or (
+            target.exists() and source.exists() and os.path.samefile(target, source)
+        )
+        if same:
+            raise OutputExistsError(
+                f"refusing to write {target}: it is the input scan itself (inputs are never modified, "
+                "even with overwrite). Choose another output name."
+            )
+        if source.is_dir() and resolved.parent == source_resolved:
+            raise OutputExistsError(
+                f"refusing to write {target} inside the input DICOM folder {source} (inputs are never "
+                "modified). Choose another folder."
+            )
+    if not overwrite and (target.exists() or target.is_symlink()):
+        raise OutputExistsError(
+            f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it, or choose another name."
+        )
+    return target
+
+
+def _create_temp(target: Path) -> Path:
+    """Create the temporary file next to the target (this also proves the folder is writable)."""
+    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot write {target}: the folder {target.parent} does not accept new files "
+            f"({err.strerror or err}). Check its permissions, free space, or choose another folder."
+        ) from err
+    os.close(fd)
+    return temp
+
+
+def _nifti_image(data: np.ndarray, geometry: Geometry):
+    """A fresh NIfTI-1 image: only geometry, codes and voxels (no descrip, extensions, patient data)."""
+    import nibabel as nib
+
+    codes = geometry.nifti_codes
+    if codes is None or (codes.qform_code == 0 and codes.sform_code == 0):
+        codes = NiftiCodes(qform_code=1, sform_code=1)  # scanner anatomical: a placed grid needs a code
+    scode = codes.sform_code
+    qcode = 0 if geometry.shear > SHEAR_TOL else codes.qform_code  # a qform cannot hold shear
+    header = nib.Nifti1Header()
+    header.set_data_dtype(data.dtype)
+    image = nib.Nifti1Image(data, None, header=header)
+    image.set_sform(geometry.affine, code=scode)
+    image.set_qform(geometry.affine, code=qcode)
+    image.header.set_xyzt_units(xyz="mm")
+    image.header.set_slope_inter(1.0, 0.0)
+    for key in ("descrip", "aux_file", "intent_name"):
+        image.header[key] = b""
+    image.header.extensions.clear()
+    return image, qcode, scode
+
+
+def _corner_tolerance(geometry: Geometry) -> float:
+    """1e-4 mm plus what float32 storage of the header can move a corner (large origins)."""
+    affine = geometry.affine
+    extent = np.array([s + 0.5 for s in geometry.shape] + [0.0] * (3 - geometry.spatial_dims))
+    largest = np.max(np.abs(affine[:3, 3]) + np.abs(affine[:3, :3]) @ extent)
+    return CORNER_TOL_MM + 8 * FLOAT32_EPS * float(largest)
+
+
+def _check_written(
+    temp: Path, target: Path, data: np.ndarray, geometry: Geometry, qcode: int, scode: int
+) -> None:
+    """Re-read the temporary file's header and check it against what was meant to be written."""
+    import nibabel as nib
+
+    with gzip.open(temp, "rb") if _is_gz(target) else open(temp, "rb") as f:
+        header = nib.Nifti1Header.from_fileobj(f)
+    problems = []
+    shape = tuple(int(s) for s in header.get_data_shape())
+    if shape != data.shape:
+        problems.append(f"shape {shape} instead of {data.shape}")
+    if header.get_data_dtype() != data.dtype:
+        problems.append(f"data type {header.get_data_dtype()} instead of {data.dtype}")
+    written_codes = (int(header["qform_code"]), int(header["sform_code"]))
+    if written_codes != (qcode, scode):
+        problems.append(f"qform/sform codes {written_codes} instead of {(qcode, scode)}")
+    tolerance = _corner_tolerance(geometry)
+    transforms = [("sform", header.get_sform())]
+    if qcode > 0 or scode == 0:
+        transforms.append(("qform", header.get_qform()))
+    for name, affine in transforms:
+        try:
+            distance = geometry.max_corner_distance(Geometry(shape=geometry.shape, affine=affine))
+        except GeometryError as err:
+            distance, name = float("inf"), f"{name} ({err})"
+        if distance > tolerance:
+            problems.append(
+                f"{name} corners up to {distance:.3g} mm from the scan's (tolerance {tolerance:.2g} mm)"
+            )
+    if problems:
+        raise GeometryError(
+            f"refusing to write {target}: the written header does not reproduce the scan's grid: "
+            + "; ".join(problems)
+            + ". Nothing was written; please report this as a medseg bug."
+        )
+
+
+def _commit(temp: Path, target: Path, *, overwrite: bool) -> None:
+    """Rename the checked temporary file into place (no-clobber unless ``overwrite``)."""
+    if overwrite:
+        os.replace(temp, target)
+    else:
+        try:
+            os.link(temp, target)  # fails if the target appeared meanwhile
+        except FileExistsError as err:
+            raise OutputExistsError(
+                f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
+            ) from err
+        except OSError:  # no hard links on this file system
+            if target.exists():
+                raise OutputExistsError(
+                    f"{target} already exists; pass overwrite=True to replace it."
+                ) from None
+            os.replace(temp, target)
+        else:
+            temp.unlink()
+    try:
+        fd = os.open(target.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
