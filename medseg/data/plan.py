@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +23,7 @@ from medseg.errors import ConfigError
 
 PLAN_FORMAT_VERSION = 1
 
-__all__ = ["PLAN_FORMAT_VERSION", "ChannelNorm", "Plan", "load_plan", "save_plan"]
+__all__ = ["PLAN_FORMAT_VERSION", "ChannelNorm", "Plan", "load_plan", "make_plan", "save_plan"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,3 +161,350 @@ def load_plan(path: str | Path) -> Plan:
     except (OSError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read plan {path}: {err}") from err
     return Plan.from_dict(data)
+
+
+# =========================================================================== planning
+#
+# The rules (docs/plan.md lists them with the numbers): nnU-Net's planner,
+# re-derived, with a memory budget that also fits a small CPU.
+
+ANISO_THRESHOLD = 3.0
+"""A thick axis is > 3x the other spacings (and has < 1/3 of their voxels)."""
+BASE_FEATURES = 32
+MAX_FEATURES = {2: 512, 3: 320}
+MIN_EDGE = 4
+MAX_STAGES = {2: 7, 3: 6}
+INITIAL_PATCH_VOXELS = {2: 2048**2, 3: 256**3}
+BYTES_PER_UNIT = 8e9 / (560e6 * 2)
+"""Activation bytes per feature-map element per sample (nnU-Net's reference: 560e6 units <-> 8 GB at batch 2)."""
+MIN_BATCH = 2
+MAX_DATASET_COVERED = 0.05
+"""A batch may cover at most 5 % of all dataset voxels (nnU-Net), but is never below MIN_BATCH."""
+DEFAULT_BUDGET_GB = {"cuda": 8.0, "cpu": 1.0, "mps": 1.0}
+ZSCORE_NONZERO_MASK_BELOW = 0.75
+"""Per-image z-score inside the non-zero mask when cropping keeps < 75 % of the voxels (median)."""
+CLASS_WEIGHT_CLIP = (0.1, 10.0)
+
+
+def _median_shape_after_resampling(fp: Any, target: list[float]) -> list[float]:
+    import numpy as np
+
+    shapes = np.asarray(fp.shapes_after_crop, dtype=float)
+    spacings = np.asarray(fp.spacings, dtype=float)
+    resampled = shapes * spacings / np.asarray(target, dtype=float)
+    return np.median(resampled, axis=0).tolist()
+
+
+def target_spacing_rule(spacings: list[list[float]], shapes: list[list[int]]) -> list[float]:
+    """Median spacing per axis; nnU-Net's rule for thick slices.
+
+    When the largest median spacing is more than 3x the smallest *and* that
+    axis has fewer than 1/3 of the voxels of the smallest axis (median shape),
+    its target is the 10th percentile of its spacings instead, but never finer
+    than the largest of the other axes' targets.
+    """
+    import numpy as np
+
+    spacings_arr = np.asarray(spacings, dtype=float)
+    target = np.median(spacings_arr, axis=0)
+    if target.size < 3:
+        return target.tolist()
+    median_shape = np.median(np.asarray(shapes, dtype=float), axis=0)
+    worst = int(np.argmax(target))
+    others = [a for a in range(target.size) if a != worst]
+    has_aniso_spacing = target[worst] > ANISO_THRESHOLD * min(target[others])
+    has_aniso_voxels = median_shape[worst] * ANISO_THRESHOLD < min(median_shape[others])
+    if has_aniso_spacing and has_aniso_voxels:
+        thick = float(np.percentile(spacings_arr[:, worst], 10))
+        target[worst] = max(thick, float(max(target[others])))
+    return target.tolist()
+
+
+def feature_map_units(patch: list[int], strides: list[list[int]], *, in_channels: int, num_classes: int) -> float:
+    """Activation elements of a U-Net forward pass for one sample (nnU-Net-style estimate).
+
+    Per stage ``s`` with ``v_s`` voxels and ``f_s = min(32 * 2**s, max)`` features:
+    2 encoder convolutions, and (above the bottleneck) a transposed convolution,
+    2 decoder convolutions and a deep-supervision output of ``num_classes``.
+    """
+    ndim = len(patch)
+    size = [float(p) for p in patch]
+    units = float(in_channels) * float(math.prod(size))
+    last = len(strides) - 1
+    for s, stride in enumerate(strides):
+        size = [a / b for a, b in zip(size, stride)]
+        voxels = float(math.prod(size))
+        features = min(BASE_FEATURES * 2**s, MAX_FEATURES[ndim])
+        units += 2 * voxels * features
+        if s < last:
+            units += 3 * voxels * features + voxels * num_classes
+    return units
+
+
+def _topology(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], list[list[int]], list[int]]:
+    from medseg.models.topology import fit_patch_to_topology, unet_topology
+
+    ndim = len(patch)
+    kernels, strides = unet_topology(patch, spacing, min_edge=MIN_EDGE, max_stages=MAX_STAGES[ndim])
+    return kernels, strides, fit_patch_to_topology(patch, strides)
+
+
+def _topology_for_pinned(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], list[list[int]]]:
+    """Topology for a user-pinned patch: drop the deepest stages until the patch is divisible."""
+    from medseg.models.topology import fit_patch_to_topology, unet_topology
+
+    kernels, strides = unet_topology(patch, spacing, min_edge=MIN_EDGE, max_stages=MAX_STAGES[len(patch)])
+    while len(strides) > 1 and fit_patch_to_topology(patch, strides) != list(patch):
+        strides = strides[:-1]
+        kernels = [*kernels[: len(strides) - 1], [3] * len(patch)]
+    return kernels, strides
+
+
+def plan_patch_and_batch(
+    spacing: list[float],
+    median_shape: list[float],
+    *,
+    budget_gb: float,
+    in_channels: int,
+    num_classes: int,
+    dataset_voxels: float,
+) -> tuple[list[int], int, list[list[int]], list[list[int]]]:
+    """Patch size, batch size and topology from the median shape and a memory budget.
+
+    1. Start from a patch with the aspect ratio ``1 / spacing`` and 256^3 (3D)
+       or 2048^2 (2D) voxels, clipped to the median shape.
+    2. Compute the topology and round the patch up to its down-sampling factor.
+    3. While a batch of 2 would need more than the budget
+       (``feature_map_units * BYTES_PER_UNIT * 2``), shrink the axis with the
+       largest patch / median-shape ratio by one down-sampling step.
+    4. Batch = budget / per-sample memory, capped so that a batch covers at
+       most 5 % of the dataset's voxels, and at least 2.
+    """
+    import numpy as np
+
+    ndim = len(spacing)
+    inv = 1.0 / np.asarray(spacing, dtype=float)
+    patch_f = inv * (INITIAL_PATCH_VOXELS[ndim] / float(np.prod(inv))) ** (1.0 / ndim)
+    patch = [max(1, round(min(p, m))) for p, m in zip(patch_f, median_shape)]
+    budget = budget_gb * 1e9
+    kernels, strides, fitted = _topology(patch, spacing)
+    for _ in range(1000):
+        per_sample = feature_map_units(fitted, strides, in_channels=in_channels, num_classes=num_classes) * BYTES_PER_UNIT
+        if per_sample * MIN_BATCH <= budget:
+            break
+        ratios = [p / max(m, 1.0) for p, m in zip(fitted, median_shape)]
+        factors = [math.prod(s[a] for s in strides) for a in range(ndim)]
+        order = sorted(range(ndim), key=lambda a: -ratios[a])
+        axis = next((a for a in order if fitted[a] - factors[a] >= 2 * MIN_EDGE), None)
+        if axis is None:
+            break
+        patch = list(fitted)
+        patch[axis] = fitted[axis] - factors[axis]
+        kernels, strides, fitted = _topology(patch, spacing)
+    per_sample = feature_map_units(fitted, strides, in_channels=in_channels, num_classes=num_classes) * BYTES_PER_UNIT
+    batch = int(budget // max(per_sample, 1.0))
+    cap = int(dataset_voxels * MAX_DATASET_COVERED // max(math.prod(fitted), 1))
+    batch = max(MIN_BATCH, min(batch, cap))
+    return fitted, batch, kernels, strides
+
+
+def class_weight_rule(frequencies: list[float]) -> list[float]:
+    """Class weights: ``medseg.losses.class_weights_from_frequencies`` when available.
+
+    Fallback (same rule): ``1 / sqrt(frequency)``, normalised to mean 1 over
+    the classes that occur, clipped to [0.1, 10]; classes that never occur get 1.
+    """
+    try:
+        from medseg.losses import class_weights_from_frequencies
+    except ImportError:
+        class_weights_from_frequencies = None
+    if class_weights_from_frequencies is not None:
+        weights = class_weights_from_frequencies(frequencies)
+        return [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
+    return _inverse_sqrt_weights(frequencies)
+
+
+def _inverse_sqrt_weights(frequencies: list[float], *, absent: float = 1.0) -> list[float]:
+    import numpy as np
+
+    freq = np.asarray(frequencies, dtype=float)
+    present = freq > 0
+    weights = np.full_like(freq, absent)
+    if not present.any():
+        return np.ones_like(freq).tolist()
+    weights[present] = 1.0 / np.sqrt(freq[present])
+    weights[present] /= weights[present].mean()
+    weights[present] = np.clip(weights[present], *CLASS_WEIGHT_CLIP)
+    return weights.tolist()
+
+
+def class_sampling_rule(
+    frequencies: list[float], *, foreground_oversample: float, mode: str
+) -> list[float]:
+    """Chance that a patch is random (entry 0) or centred on each foreground class.
+
+    Entry 0 is ``1 - foreground_oversample``; the foreground entries sum to
+    ``foreground_oversample`` and are split by ``mode``: ``balanced``:
+    proportional to ``1 / sqrt(frequency)`` (normalised, clipped to [0.1, 10]
+    x the mean, so rare classes are centred more often); ``uniform``: equal.
+    Classes that never occur get 0.
+    """
+    import numpy as np
+
+    freq = np.asarray(frequencies, dtype=float)
+    ratios = np.zeros_like(freq)
+    fg = freq[1:]
+    present = fg > 0
+    if present.any():
+        if mode == "balanced":
+            share = np.asarray(_inverse_sqrt_weights([1.0, *fg.tolist()], absent=0.0)[1:])
+        else:
+            share = present.astype(float)
+        share = np.where(present, share, 0.0)
+        ratios[1:] = foreground_oversample * share / share.sum()
+        ratios[0] = 1.0 - foreground_oversample
+    else:
+        ratios[0] = 1.0
+    return ratios.tolist()
+
+
+def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu") -> Plan:
+    """Derive the plan from a dataset fingerprint (nnU-Net's rules; docs/plan.md).
+
+    Args:
+        fingerprint: :class:`medseg.data.fingerprint.Fingerprint`.
+        config: :class:`medseg.config.Config`; any non-null ``data`` field
+            (spatial_dims, target_spacing, patch_size, batch_size,
+            normalization, ...) and a list in ``loss.class_weights`` pin the
+            matching plan field. ``None``: defaults.
+        device_type: ``"cpu"``, ``"cuda"`` or ``"mps"``: picks the default
+            memory budget when ``data.memory_budget_gb`` is null (8 GB on
+            CUDA, 1 GB otherwise).
+
+    Returns:
+        A frozen :class:`Plan`.
+
+    Raises:
+        ConfigError: a pinned field does not fit the data (e.g. 3D on 2D images,
+            wrong number of class weights).
+    """
+    import warnings
+
+    import numpy as np
+
+    from medseg.config import Config
+
+    config = config if config is not None else Config()
+    data = config.data
+    fp = fingerprint
+    data_dims = int(fp.data_dims)
+    # --- target spacing
+    target = target_spacing_rule(fp.spacings, fp.shapes_after_crop)
+    median = _median_shape_after_resampling(fp, target)
+    # --- dimensionality
+    spatial_dims = data.spatial_dims
+    if spatial_dims is None:
+        spatial_dims = 3 if data_dims == 3 and min(median) > 1.5 else 2
+    if spatial_dims == 3 and data_dims == 2:
+        raise ConfigError("data.spatial_dims=3 but the dataset holds 2D images; use spatial_dims 2 (or null).")
+    slice_axis = None
+    if spatial_dims == 2 and data_dims == 3:
+        sp = np.asarray(target)
+        # thick slices: slice across the thick axis; otherwise axial slices (S axis)
+        slice_axis = int(np.argmax(sp)) if sp.max() > ANISO_THRESHOLD * sp.min() else 2
+    if data.target_spacing is not None:
+        pinned = [float(s) for s in data.target_spacing]
+        if len(pinned) == data_dims:
+            target = pinned
+        elif slice_axis is not None and len(pinned) == 2:
+            target = [pinned.pop(0) if a != slice_axis else target[a] for a in range(3)]
+        else:
+            raise ConfigError(f"data.target_spacing {data.target_spacing} must have {data_dims} entries for this dataset.")
+        median = _median_shape_after_resampling(fp, target)
+    # --- channels and normalisation
+    image_channels = fp.num_channels
+    slice_context = int(data.slice_context) if spatial_dims == 2 and data_dims == 3 else 0
+    in_channels = image_channels * (2 * slice_context + 1)
+    normalization = []
+    use_mask = fp.median_relative_size_after_crop < ZSCORE_NONZERO_MASK_BELOW
+    for c, name in enumerate(fp.channel_names):
+        scheme = data.normalization
+        if scheme == "auto":
+            from medseg.data.fingerprint import modality_of
+
+            scheme = "ct" if modality_of([name]) == "CT" else "zscore"
+        stats = fp.intensity[c] if c < len(fp.intensity) else {}
+        if scheme == "ct" and not stats:
+            warnings.warn(
+                f"channel {c} ({name}): no foreground voxels to compute CT statistics from; using per-image z-score.",
+                stacklevel=2,
+            )
+            scheme = "zscore"
+        if scheme == "ct":
+            normalization.append(
+                ChannelNorm(scheme="ct", clip=(stats["p00_5"], stats["p99_5"]), mean=stats["mean"],
+                            std=max(stats["std"], 1e-8))
+            )
+        elif scheme == "zscore":
+            normalization.append(ChannelNorm(scheme="zscore", use_nonzero_mask=bool(use_mask)))
+        else:
+            normalization.append(ChannelNorm(scheme="none"))
+    # --- patch, batch, topology
+    num_classes = len(fp.label_values)
+    if slice_axis is not None:
+        net_spacing = [target[a] for a in range(3) if a != slice_axis]
+        net_median = [median[a] for a in range(3) if a != slice_axis]
+    else:
+        net_spacing, net_median = list(target), list(median)
+    budget = data.memory_budget_gb
+    if budget is None:
+        budget = DEFAULT_BUDGET_GB.get(device_type.split(":")[0], 1.0)
+    total_voxels = float(sum(math.prod(s) for s in fp.shapes_after_crop)) * float(
+        math.prod(np.median(np.asarray(fp.spacings), axis=0)) / math.prod(target)
+    )
+    patch, batch, kernels, strides = plan_patch_and_batch(
+        net_spacing, net_median, budget_gb=float(budget), in_channels=in_channels, num_classes=num_classes,
+        dataset_voxels=total_voxels,
+    )
+    if data.patch_size is not None:
+        patch = [int(p) for p in data.patch_size]
+        if len(patch) != spatial_dims:
+            raise ConfigError(f"data.patch_size {patch} must have {spatial_dims} entries (spatial_dims={spatial_dims}).")
+        kernels, strides = _topology_for_pinned(patch, net_spacing)
+    if data.batch_size is not None:
+        batch = int(data.batch_size)
+    # --- classes
+    frequencies = fp.class_frequencies
+    if isinstance(config.loss.class_weights, list):
+        weights = [float(w) for w in config.loss.class_weights]
+        if len(weights) != num_classes:
+            raise ConfigError(
+                f"loss.class_weights has {len(weights)} entries but the dataset has {num_classes} classes "
+                f"({', '.join(fp.label_names)})."
+            )
+    else:
+        weights = class_weight_rule(frequencies)
+    ratios = class_sampling_rule(frequencies, foreground_oversample=data.foreground_oversample, mode=data.class_sampling)
+    return Plan(
+        spatial_dims=int(spatial_dims),
+        data_dims=data_dims,
+        image_channels=image_channels,
+        in_channels=in_channels,
+        channel_names=list(fp.channel_names),
+        label_values=[int(v) for v in fp.label_values],
+        label_names=list(fp.label_names),
+        target_spacing=[float(t) for t in target],
+        normalization=normalization,
+        crop_to_nonzero=bool(data.crop_to_nonzero),
+        patch_size=[int(p) for p in patch],
+        batch_size=int(batch),
+        kernel_sizes=[[int(k) for k in ks] for ks in kernels],
+        strides=[[int(s) for s in st] for st in strides],
+        slice_axis=slice_axis,
+        slice_context=slice_context,
+        class_weights=weights,
+        class_sampling_ratios=ratios,
+        foreground_oversample=float(data.foreground_oversample),
+        median_shape=[round(m) for m in median],
+        modality=fp.modality,
+    )

@@ -1,0 +1,43 @@
+"""Check a dataset folder and list every problem at once (nothing is modified).
+
+Recognises Medical Segmentation Decathlon, nnU-Net v2 raw, images/ + labels/
+folders and CSV/JSON lists (see docs/datasets.md). Exit status: 0 when there are
+no problems (warnings are listed), 2 when there are problems.
+
+Examples:
+  medseg check data/Task09_Spleen
+  medseg check data/my_ct_dataset --folds 3
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+HELP = "check a dataset folder: list every problem (missing files, geometry, labels) at once"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dataset", type=Path, metavar="DATASET_DIR", help="dataset folder (or a CSV/JSON list file)")
+    parser.add_argument(
+        "--folds", type=int, default=5, metavar="N",
+        help="cross-validation folds that will be used: fewer cases is a problem (default: 5; 1 skips the check)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    from medseg.data import check_dataset, scan_dataset
+    from medseg.errors import DatasetError
+
+    try:
+        index = scan_dataset(args.dataset)
+    except DatasetError as err:
+        print(f"medseg check: DatasetError: {err}", file=sys.stderr)
+        return 2
+    print(f"{index.root}: {index.layout} layout, {len(index.cases)} training case(s)"
+          + (f", {len(index.test_cases)} test case(s)" if index.test_cases else ""))
+    report = check_dataset(index, num_folds=args.folds)
+    print(report.format())
+    return 0 if report.ok else 2

@@ -1,0 +1,494 @@
+"""Deterministic preprocessing shared by training and inference, and its exact record.
+
+:func:`preprocess_case` applies, in this order (nnU-Net's order):
+
+1. **re-orient** to ``plan.orientation`` (RAS): axis permutation and flips
+   only, chosen from the affine's closest axes (``nibabel.io_orientation``);
+   no interpolation, exactly invertible. 2D cases are not re-oriented.
+2. **crop** to the bounding box of voxels that are non-zero in any channel
+   (when ``plan.crop_to_nonzero``); the box is recorded.
+3. **normalise** each channel (``plan.normalization``, see
+   :class:`~medseg.data.plan.ChannelNorm`).
+4. **resample** to ``plan.target_spacing``: the new shape is
+   ``round(shape * spacing / target_spacing)`` (at least 1), the field of view
+   (outer voxel edges) is kept, so the actual new spacing is
+   ``spacing * shape / new_shape``. Images use cubic spline interpolation
+   (order 3), labels linear interpolation of each class's one-hot mask then
+   argmax. When the spacing is anisotropic (largest/smallest > 3, as in
+   nnU-Net), the thick axis is resampled separately with nearest neighbour
+   (``record.separate_axis``) and the other axes as above.
+
+The :class:`PreprocessRecord` holds everything needed to map a prediction on
+the plan grid back onto the original scan, in reverse order:
+
+1. resample from ``record.final_geometry.shape`` back to
+   ``record.shape_after_crop`` (:func:`resample_array`, logits: order 1);
+2. un-crop into ``record.shape_after_orient`` at ``record.crop_bbox``
+   (:func:`uncrop`; background outside);
+3. un-orient with ``record.ornt`` (:func:`unorient`), giving the original
+   voxel order and ``record.original_geometry``.
+
+:func:`restore_mask` does steps 2-3 for an integer mask exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from medseg.data.plan import ChannelNorm, Plan
+from medseg.errors import DatasetError, GeometryError
+from medseg.io.geometry import Geometry
+from medseg.io.volume import Volume
+
+__all__ = [
+    "ANISOTROPY_THRESHOLD",
+    "PreprocessRecord",
+    "PreprocessedCase",
+    "class_indices",
+    "nonzero_bbox",
+    "normalize",
+    "orientation_transform",
+    "preprocess_case",
+    "reorient",
+    "resample_array",
+    "restore_mask",
+    "uncrop",
+    "unorient",
+]
+
+ANISOTROPY_THRESHOLD = 3.0
+"""Spacing ratio (largest / smallest) above which the thick axis is resampled separately."""
+
+_EPS = 1e-8
+
+
+@dataclass(frozen=True, eq=False)
+class PreprocessRecord:
+    """How a case was preprocessed, to undo it exactly (JSON-serialisable).
+
+    Attributes:
+        original_geometry: the grid as read (original voxel order).
+        orientation: the axis codes the case was re-oriented to ("RAS").
+        ornt: nibabel orientation transform from the original voxel axes to
+            the re-oriented ones: row ``i`` = ``[source axis, flip (+1/-1)]``
+            for original axis ``i`` (``nibabel.orientations.apply_orientation``).
+        shape_after_orient: spatial shape after re-orientation (= before crop).
+        crop_bbox: ``[[start, stop], ...]`` per re-oriented axis (half-open).
+        shape_after_crop: spatial shape after cropping (= before resampling).
+        spacing_before_resampling: mm per re-oriented axis before resampling.
+        separate_axis: the thick axis resampled separately, or ``None``.
+        final_geometry: the plan grid (shape after resampling, its affine).
+        channel_stats: per channel ``{"mean", "std"}`` used by z-score
+            normalisation (for reference; empty entries for other schemes).
+    """
+
+    original_geometry: Geometry
+    orientation: str
+    ornt: list[list[int]]
+    shape_after_orient: tuple[int, ...]
+    crop_bbox: list[list[int]]
+    shape_after_crop: tuple[int, ...]
+    spacing_before_resampling: tuple[float, ...]
+    separate_axis: int | None
+    final_geometry: Geometry
+    channel_stats: list[dict[str, float]]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "original_geometry": self.original_geometry.to_dict(),
+            "orientation": self.orientation,
+            "ornt": [list(map(int, r)) for r in self.ornt],
+            "shape_after_orient": list(self.shape_after_orient),
+            "crop_bbox": [list(map(int, b)) for b in self.crop_bbox],
+            "shape_after_crop": list(self.shape_after_crop),
+            "spacing_before_resampling": list(self.spacing_before_resampling),
+            "separate_axis": self.separate_axis,
+            "final_geometry": self.final_geometry.to_dict(),
+            "channel_stats": [dict(s) for s in self.channel_stats],
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PreprocessRecord:
+        return cls(
+            original_geometry=Geometry.from_dict(data["original_geometry"]),
+            orientation=str(data["orientation"]),
+            ornt=[[int(a), int(f)] for a, f in data["ornt"]],
+            shape_after_orient=tuple(int(s) for s in data["shape_after_orient"]),
+            crop_bbox=[[int(a), int(b)] for a, b in data["crop_bbox"]],
+            shape_after_crop=tuple(int(s) for s in data["shape_after_crop"]),
+            spacing_before_resampling=tuple(float(s) for s in data["spacing_before_resampling"]),
+            separate_axis=None if data.get("separate_axis") is None else int(data["separate_axis"]),
+            final_geometry=Geometry.from_dict(data["final_geometry"]),
+            channel_stats=[dict(s) for s in data.get("channel_stats", [])],
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class PreprocessedCase:
+    """A case on the plan grid.
+
+    Attributes:
+        image: float32 ``(C, *spatial)``.
+        label: ``(1, *spatial)`` class indices ``0..K-1`` (uint8 or int16), or None.
+        record: how to map back to the original grid.
+    """
+
+    image: np.ndarray
+    label: np.ndarray | None
+    record: PreprocessRecord
+
+
+# --------------------------------------------------------------------------- orientation
+
+
+def orientation_transform(affine: np.ndarray, target: str = "RAS") -> np.ndarray:
+    """nibabel ornt transform taking the affine's voxel axes to the closest ``target`` axes."""
+    import nibabel as nib
+
+    start = nib.orientations.io_orientation(np.asarray(affine))
+    end = nib.orientations.axcodes2ornt(tuple(target))
+    return nib.orientations.ornt_transform(start, end).astype(int)
+
+
+def reorient(array: np.ndarray, ornt: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
+    """Apply an ornt transform to the spatial axes of a channel-first array (exact)."""
+    import nibabel as nib
+
+    ornt = np.asarray(ornt)
+    moved = np.moveaxis(array, 0, -1)
+    return np.ascontiguousarray(np.moveaxis(nib.orientations.apply_orientation(moved, ornt), -1, 0))
+
+
+def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
+    """The ornt transform that undoes ``ornt``.
+
+    ``apply_orientation`` flips input axis ``i`` when ``ornt[i, 1] == -1`` and
+    moves it to output axis ``ornt[i, 0]``; the inverse moves output axis
+    ``ornt[i, 0]`` back to ``i`` with the same flip.
+    """
+    ornt = np.asarray(ornt).astype(int)
+    inverse = np.zeros_like(ornt)
+    for i, (target, flip) in enumerate(ornt):
+        inverse[target] = [i, flip]
+    return inverse
+
+
+def unorient(array: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """Undo the re-orientation of a channel-first array (exact: permute and flip)."""
+    if len(record.ornt) == 0:
+        return array
+    return reorient(array, _inverse_ornt(np.asarray(record.ornt)))
+
+
+# --------------------------------------------------------------------------- crop
+
+
+def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
+    """Half-open bounding box ``[[start, stop], ...]`` of voxels non-zero in any channel.
+
+    An all-zero image gives the full extent.
+    """
+    mask = np.any(image != 0, axis=0)
+    bbox = []
+    for axis in range(mask.ndim):
+        other = tuple(a for a in range(mask.ndim) if a != axis)
+        hit = np.flatnonzero(np.any(mask, axis=other))
+        bbox.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[axis])])
+    return bbox
+
+
+def _crop(array: np.ndarray, bbox: list[list[int]]) -> np.ndarray:
+    return array[(slice(None), *(slice(a, b) for a, b in bbox))]
+
+
+def uncrop(array: np.ndarray, record: PreprocessRecord, *, fill: float = 0) -> np.ndarray:
+    """Paste a channel-first array of ``record.shape_after_crop`` back into ``shape_after_orient``.
+
+    Voxels outside the crop get ``fill`` (0: background for masks; for
+    probabilities pass a per-channel fill by calling this per channel).
+    """
+    if tuple(array.shape[1:]) != tuple(record.shape_after_crop):
+        raise GeometryError(
+            f"uncrop: array spatial shape {tuple(array.shape[1:])} != the cropped shape {record.shape_after_crop}; "
+            "resample back to record.shape_after_crop first."
+        )
+    out = np.full((array.shape[0], *record.shape_after_orient), fill, dtype=array.dtype)
+    out[(slice(None), *(slice(a, b) for a, b in record.crop_bbox))] = array
+    return out
+
+
+def restore_mask(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
+    """Exactly undo crop and re-orientation of an integer mask on the cropped grid.
+
+    Args:
+        mask: ``(*shape_after_crop)`` or ``(1, *shape_after_crop)`` integer mask
+            (already resampled back from the plan grid).
+        record: the case's record.
+
+    Returns:
+        The mask on the original voxel grid, shape ``record.original_geometry.shape``
+        (channel axis kept if it was given).
+    """
+    had_channel = mask.ndim == len(record.shape_after_crop) + 1
+    arr = mask if had_channel else mask[np.newaxis]
+    out = unorient(uncrop(arr, record, fill=0), record)
+    if tuple(out.shape[1:]) != tuple(record.original_geometry.shape):
+        raise GeometryError(
+            f"restored mask shape {tuple(out.shape[1:])} != original {record.original_geometry.shape}."
+        )
+    return out if had_channel else out[0]
+
+
+# --------------------------------------------------------------------------- normalise
+
+
+def normalize(image: np.ndarray, norms: Sequence[ChannelNorm]) -> tuple[np.ndarray, list[dict[str, float]]]:
+    """Normalise each channel; returns float32 array and the per-image statistics used."""
+    if len(norms) != image.shape[0]:
+        raise DatasetError(
+            f"the plan normalises {len(norms)} channel(s) but the image has {image.shape[0]}; "
+            "the scan does not match the dataset the plan was made for."
+        )
+    out = np.empty(image.shape, dtype=np.float32)
+    stats: list[dict[str, float]] = []
+    for c, norm in enumerate(norms):
+        x = image[c].astype(np.float32, copy=False)
+        if norm.scheme == "ct":
+            lo, hi = norm.clip if norm.clip is not None else (-np.inf, np.inf)
+            mean = float(norm.mean if norm.mean is not None else 0.0)
+            std = float(norm.std if norm.std is not None else 1.0)
+            out[c] = (np.clip(x, lo, hi) - mean) / max(std, _EPS)
+            stats.append({})
+        elif norm.scheme == "zscore":
+            if norm.use_nonzero_mask:
+                mask = image[c] != 0
+                values = x[mask]
+            else:
+                mask = None
+                values = x
+            mean = float(values.mean()) if values.size else 0.0
+            std = float(values.std()) if values.size else 1.0
+            y = (x - mean) / max(std, _EPS)
+            if mask is not None:
+                y = np.where(mask, y, 0.0)
+            out[c] = y
+            stats.append({"mean": mean, "std": std})
+        else:
+            out[c] = x
+            stats.append({})
+    return out, stats
+
+
+# --------------------------------------------------------------------------- resample
+
+
+def resample_array(
+    array: np.ndarray,
+    new_shape: Sequence[int],
+    *,
+    order: int,
+    separate_axis: int | None = None,
+    order_separate: int = 0,
+) -> np.ndarray:
+    """Resample the spatial axes of a channel-first array to ``new_shape``, keeping the field of view.
+
+    Voxel ``j`` of the output samples input position ``(j + 0.5) * old / new - 0.5``
+    (outer voxel edges coincide; ``scipy.ndimage.zoom(grid_mode=True)``).
+
+    Args:
+        array: ``(C, *spatial)``.
+        new_shape: target spatial shape.
+        order: spline order on the (other) axes: 3 images, 1 logits/one-hot.
+        separate_axis: resample this axis on its own with ``order_separate``
+            (thick slices, nnU-Net's separate-z).
+        order_separate: interpolation order along ``separate_axis``.
+    """
+    from scipy import ndimage
+
+    old = tuple(array.shape[1:])
+    new_shape = tuple(int(s) for s in new_shape)
+    if old == new_shape:
+        return array.copy()
+    out_dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
+    result = []
+    for channel in array:
+        x = channel.astype(np.float32, copy=False)
+        if separate_axis is None:
+            zoom = [n / o for n, o in zip(new_shape, old)]
+            y = ndimage.zoom(x, zoom, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+        else:
+            first = [1.0 if a == separate_axis else n / o for a, (n, o) in enumerate(zip(new_shape, old))]
+            y = x
+            if any(f != 1.0 for f in first):
+                y = ndimage.zoom(y, first, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
+            second = [new_shape[a] / old[a] if a == separate_axis else 1.0 for a in range(len(old))]
+            if second[separate_axis] != 1.0:
+                y = ndimage.zoom(y, second, order=order_separate, mode="nearest", grid_mode=True,
+                                 prefilter=order_separate > 1)
+        if y.shape != new_shape:  # zoom rounds; enforce the exact shape
+            raise GeometryError(f"resampling produced {y.shape}, expected {new_shape}.")
+        result.append(y.astype(out_dtype, copy=False))
+    return np.stack(result)
+
+
+def _resample_labels(label: np.ndarray, new_shape: Sequence[int], separate_axis: int | None) -> np.ndarray:
+    """One-hot linear resampling (per present class) and argmax; nearest along a separate axis."""
+    present = [int(v) for v in np.unique(label)]
+    best = np.full(tuple(new_shape), -1.0, dtype=np.float32)
+    out = np.zeros(tuple(new_shape), dtype=label.dtype)
+    for value in present:
+        onehot = (label[0] == value).astype(np.float32)[np.newaxis]
+        resampled = resample_array(onehot, new_shape, order=1, separate_axis=separate_axis, order_separate=0)[0]
+        better = resampled > best
+        best[better] = resampled[better]
+        out[better] = value
+    return out[np.newaxis]
+
+
+def separate_axis_for(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
+    """The thick axis to resample separately (nnU-Net: spacing ratio > 3), else None."""
+    for sp in (spacing, target_spacing):
+        sp = np.asarray(sp, dtype=float)
+        if len(sp) == 3 and sp.max() / sp.min() > ANISOTROPY_THRESHOLD:
+            return int(np.argmax(sp))
+    return None
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def class_indices(label: np.ndarray, label_values: Sequence[int], *, where: str = "label") -> np.ndarray:
+    """Map label values to class indices ``0..K-1`` (uint8, or int16 for > 255 classes).
+
+    Raises:
+        DatasetError: non-integer values, or values not in ``label_values``.
+    """
+    values = np.asarray(label_values, dtype=np.int64)
+    if np.issubdtype(label.dtype, np.floating):
+        if not np.all(np.isfinite(label)):
+            raise DatasetError(f"{where} contains NaN/Inf values; a label map must hold integer class values.")
+        rounded = np.rint(label)
+        if not np.array_equal(rounded, label):
+            bad = np.unique(label[rounded != label])[:5]
+            raise DatasetError(f"{where} contains non-integer values {bad.tolist()}; expected integers {values.tolist()}.")
+        label = rounded.astype(np.int64)
+    present = np.unique(label)
+    unknown = np.setdiff1d(present, values)
+    if unknown.size:
+        raise DatasetError(
+            f"{where} contains values {unknown.tolist()} not in the plan's labels {values.tolist()}; "
+            "fix the label map or declare the values in dataset.json."
+        )
+    dtype = np.uint8 if len(values) <= 256 else np.int16
+    lut_size = int(max(values.max(), present.max())) + 1
+    if present.min() < 0:
+        raise DatasetError(f"{where} contains negative values {present[present < 0].tolist()}.")
+    lut = np.zeros(lut_size, dtype=dtype)
+    lut[values] = np.arange(len(values), dtype=dtype)
+    return lut[label.astype(np.int64, copy=False)]
+
+
+# --------------------------------------------------------------------------- the pipeline
+
+
+def _oriented_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    import nibabel as nib
+
+    return np.asarray(affine) @ nib.orientations.inv_ornt_aff(np.asarray(ornt), tuple(shape))
+
+
+def preprocess_case(volume: Volume, plan: Plan, *, label: np.ndarray | None = None) -> PreprocessedCase:
+    """Bring a scan (and optionally its label map) onto the plan grid.
+
+    Args:
+        volume: the scan as read by ``medseg.io.read_volume`` (channel-first).
+        plan: the plan (orientation, crop, normalisation, target spacing).
+        label: label map on the scan's grid, ``(*spatial)`` or ``(1, *spatial)``,
+            holding label *values* (mapped to class indices via ``plan.label_values``).
+
+    Returns:
+        :class:`PreprocessedCase` with float32 image, class-index label and the record.
+
+    Raises:
+        DatasetError: channel count or label values do not match the plan.
+        GeometryError: the label's shape differs from the scan's, or the scan's
+            dimensionality differs from the plan's.
+    """
+    geometry = volume.geometry
+    image = volume.array
+    name = volume.name
+    if volume.spatial_dims != plan.data_dims:
+        raise GeometryError(
+            f"{name} is {volume.spatial_dims}D {geometry.shape} but the plan expects {plan.data_dims}D volumes."
+        )
+    if image.shape[0] != plan.image_channels:
+        raise DatasetError(
+            f"{name} has {image.shape[0]} channel(s) but the plan expects {plan.image_channels} "
+            f"({', '.join(plan.channel_names)})."
+        )
+    if label is not None:
+        label = np.asarray(label)
+        if label.ndim == volume.spatial_dims:
+            label = label[np.newaxis]
+        if tuple(label.shape[1:]) != tuple(geometry.shape) or label.shape[0] != 1:
+            raise GeometryError(f"label shape {label.shape} does not match the scan {name} (1, *{geometry.shape}).")
+        label = class_indices(label, plan.label_values, where=f"label of {name}")
+    # 1. re-orient (permute/flip only)
+    if volume.spatial_dims == 3:
+        ornt = orientation_transform(geometry.affine, plan.orientation)
+        image = reorient(image, ornt)
+        label = reorient(label, ornt) if label is not None else None
+        affine = _oriented_affine(geometry.affine, ornt, geometry.shape)
+    else:
+        ornt = np.column_stack([np.arange(2), np.ones(2)]).astype(int)
+        affine = geometry.affine
+    shape_after_orient = tuple(image.shape[1:])
+    # 2. crop to non-zero
+    if plan.crop_to_nonzero:
+        bbox = nonzero_bbox(image)
+    else:
+        bbox = [[0, s] for s in shape_after_orient]
+    image = _crop(image, bbox)
+    label = _crop(label, bbox) if label is not None else None
+    shift = np.eye(4)
+    shift[: len(bbox), 3] = [b[0] for b in bbox]
+    affine = affine @ shift
+    shape_after_crop = tuple(image.shape[1:])
+    spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[: len(shape_after_crop)])
+    # 3. normalise
+    image, stats = normalize(image, plan.normalization)
+    # 4. resample
+    target = [float(t) for t in plan.target_spacing]
+    new_shape = tuple(max(1, round(n * s / t)) for n, s, t in zip(shape_after_crop, spacing, target))
+    separate = separate_axis_for(spacing, target) if new_shape != shape_after_crop else None
+    if new_shape != shape_after_crop:
+        image = resample_array(image, new_shape, order=3, separate_axis=separate, order_separate=0)
+        if label is not None:
+            label = _resample_labels(label, new_shape, separate)
+    scale = np.eye(4)
+    factors = [o / n for o, n in zip(shape_after_crop, new_shape)]
+    for a, f in enumerate(factors):
+        scale[a, a] = f
+        scale[a, 3] = 0.5 * f - 0.5
+    final_affine = affine @ scale
+    final_geometry = geometry.with_shape_and_affine(new_shape, final_affine)
+    record = PreprocessRecord(
+        original_geometry=geometry,
+        orientation=plan.orientation,
+        ornt=np.asarray(ornt).astype(int).tolist(),
+        shape_after_orient=shape_after_orient,
+        crop_bbox=bbox,
+        shape_after_crop=shape_after_crop,
+        spacing_before_resampling=spacing,
+        separate_axis=separate,
+        final_geometry=final_geometry,
+        channel_stats=stats,
+    )
+    image = np.ascontiguousarray(image, dtype=np.float32)
+    if not np.all(np.isfinite(image)):
+        raise DatasetError(f"{name}: preprocessing produced NaN/Inf values; the scan contains NaN/Inf voxels.")
+    return PreprocessedCase(image=image, label=None if label is None else np.ascontiguousarray(label), record=record)

@@ -1,0 +1,257 @@
+"""MONAI dictionary transforms that turn preprocessed cases into training patches.
+
+The input of :func:`build_train_transforms` is a preprocessed case (keys
+``"image"`` float32 ``(C, *spatial)``, ``"label"`` class indices
+``(1, *spatial)``, optional ``"locations"``: class index -> ``(N, ndim)``
+voxel coordinates, as stored by :class:`~medseg.data.cache.PreprocessedCache`).
+The steps:
+
+1. :class:`RandBalancedPatchd`: with probability ``plan.foreground_oversample``
+   the patch is centred on a voxel of a foreground class, the class drawn with
+   ``plan.class_sampling_ratios`` among the classes present in the case (so a
+   600-voxel pancreas is centred as often as the plan says, however large the
+   liver next to it); otherwise the patch lies anywhere. Cases without
+   foreground always get a random patch. Patches reaching past the case are
+   zero-padded (image 0, label background), so every patch has the plan's size.
+   2D plans on 3D data cut one slice along ``plan.slice_axis``; with
+   ``plan.slice_context = k`` the ``k`` neighbouring slices on each side are
+   stacked as extra channels, channel-major (``[c0 s-k .. c0 s+k, c1 s-k ..]``,
+   edge slices repeated at the volume's ends).
+2. Augmentation (``AugmentConfig``; nnU-Net's set): rotation, scaling, flips
+   per axis, Gaussian noise, Gaussian blur, brightness, contrast, low-resolution
+   simulation, gamma. Label maps are interpolated with nearest neighbour.
+3. Conversion to tensors: image float32, label int64.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    Compose,
+    MapTransform,
+    RandAdjustContrastd,
+    RandAffined,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    Randomizable,
+    RandScaleIntensityd,
+    RandScaleIntensityFixedMeand,
+    RandSimulateLowResolutiond,
+    RandZoomd,
+    Transform,
+)
+
+from medseg.data.plan import Plan
+
+__all__ = ["RandBalancedPatchd", "ToTensorsd", "build_train_transforms", "build_val_transforms", "extract_patch"]
+
+
+def extract_patch(array: np.ndarray, start: Sequence[int], size: Sequence[int], *, fill: float = 0) -> np.ndarray:
+    """Channel-first patch ``array[:, start:start+size]`` with ``fill`` where it reaches past the array."""
+    spatial = array.shape[1:]
+    out = np.full((array.shape[0], *size), fill, dtype=array.dtype)
+    src, dst = [slice(None)], [slice(None)]
+    for s, n, p in zip(start, spatial, size):
+        a, b = max(s, 0), min(s + p, n)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - s, b - s))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+class RandBalancedPatchd(Randomizable, MapTransform):
+    """Crop one patch, centred on a chosen class with the configured probabilities.
+
+    Args:
+        patch_size: patch in voxels (``spatial_dims`` entries).
+        foreground_oversample: probability that the patch is centred on foreground.
+        class_ratios: per class index, the relative chance of being the centre
+            class of a foreground patch (entry 0 ignored); renormalised over the
+            classes present in the case.
+        slice_axis: 2D patches from 3D cases: the axis that is sliced.
+        slice_context: 2D only: neighbouring slices each side as channels.
+        image_key, label_key, locations_key: dictionary keys.
+
+    The chosen class (0 for a random patch) is stored under ``"patch_class"``
+    and the patch start (in case voxels) under ``"patch_start"``.
+    """
+
+    def __init__(
+        self,
+        patch_size: Sequence[int],
+        *,
+        foreground_oversample: float,
+        class_ratios: Sequence[float],
+        slice_axis: int | None = None,
+        slice_context: int = 0,
+        image_key: str = "image",
+        label_key: str = "label",
+        locations_key: str = "locations",
+    ) -> None:
+        MapTransform.__init__(self, [image_key, label_key], allow_missing_keys=True)
+        self.patch_size = [int(p) for p in patch_size]
+        self.foreground_oversample = float(foreground_oversample)
+        self.class_ratios = np.asarray(class_ratios, dtype=float)
+        self.slice_axis = slice_axis
+        self.slice_context = int(slice_context)
+        self.image_key, self.label_key, self.locations_key = image_key, label_key, locations_key
+        self._start: list[int] = []
+        self._class = 0
+
+    def randomize(self, data: Mapping[Hashable, Any]) -> None:
+        """Choose the class and the patch start for this case."""
+        image = data[self.image_key]
+        spatial = list(image.shape[1:])
+        locations = data.get(self.locations_key)
+        label = data.get(self.label_key)
+        full_patch = list(self.patch_size)
+        if self.slice_axis is not None:
+            full_patch.insert(self.slice_axis, 1)
+        self._class = 0
+        center = None
+        if self.R.random_sample() < self.foreground_oversample:
+            if locations is None and label is not None:
+                locations = {int(c): np.argwhere(np.asarray(label[0]) == c) for c in np.unique(label) if c != 0}
+            present = [c for c, v in (locations or {}).items() if c != 0 and len(v) and c < len(self.class_ratios)]
+            weights = np.array([self.class_ratios[c] for c in present], dtype=float)
+            if present and weights.sum() <= 0:
+                weights = np.ones(len(present))
+            if present:
+                self._class = int(present[self.R.choice(len(present), p=weights / weights.sum())])
+                coords = locations[self._class]
+                center = [int(v) for v in coords[self.R.randint(len(coords))]]
+        start = []
+        for axis, (n, p) in enumerate(zip(spatial, full_patch)):
+            lo, hi = min(0, n - p), max(0, n - p)
+            if center is None:
+                start.append(int(self.R.randint(lo, hi + 1)))
+            else:
+                start.append(int(np.clip(center[axis] - p // 2, lo, hi)))
+        self._start = start
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize(d)
+        image = d[self.image_key]
+        label = d.get(self.label_key)
+        if self.slice_axis is None:
+            d[self.image_key] = extract_patch(np.asarray(image), self._start, self.patch_size).astype(np.float32)
+            if label is not None:
+                d[self.label_key] = extract_patch(np.asarray(label), self._start, self.patch_size)
+        else:
+            d[self.image_key] = self._slices(image, context=self.slice_context).astype(np.float32)
+            if label is not None:
+                d[self.label_key] = self._slices(label, context=0)
+        d.pop(self.locations_key, None)
+        d["patch_class"] = self._class
+        d["patch_start"] = list(self._start)
+        return d
+
+    def _slices(self, array: np.ndarray, *, context: int) -> np.ndarray:
+        axis = int(self.slice_axis or 0)
+        n = array.shape[1 + axis]
+        s = self._start[axis]
+        in_plane_start = [v for a, v in enumerate(self._start) if a != axis]
+        out = []
+        for offset in range(-context, context + 1):
+            index = int(np.clip(s + offset, 0, n - 1))
+            plane = np.take(array, index, axis=1 + axis)
+            out.append(extract_patch(np.asarray(plane), in_plane_start, self.patch_size))
+        stacked = np.stack(out, axis=1)  # (C, 2k+1, H, W): channel-major
+        return stacked.reshape(array.shape[0] * (2 * context + 1), *self.patch_size)
+
+
+class ToTensorsd(Transform):
+    """Image -> float32 tensor, label -> int64 tensor (plain ``torch.Tensor``, no metadata)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key, dtype in (("image", torch.float32), ("label", torch.int64)):
+            if key in d and d[key] is not None:
+                value = d[key]
+                if hasattr(value, "as_tensor"):
+                    value = value.as_tensor()
+                d[key] = torch.as_tensor(np.asarray(value) if isinstance(value, np.ndarray) else value).to(dtype).contiguous()
+        return d
+
+
+def _sampler(plan: Plan) -> RandBalancedPatchd:
+    slice_axis = plan.slice_axis if (plan.spatial_dims == 2 and plan.data_dims == 3) else None
+    return RandBalancedPatchd(
+        plan.patch_size,
+        foreground_oversample=plan.foreground_oversample,
+        class_ratios=plan.class_sampling_ratios,
+        slice_axis=slice_axis,
+        slice_context=plan.slice_context,
+    )
+
+
+def build_train_transforms(plan: Plan, augment_config: Any = None) -> Compose:
+    """Patch sampling, augmentation and tensor conversion for training.
+
+    Args:
+        plan: patch size, sampling ratios, dimensionality.
+        augment_config: :class:`medseg.config.AugmentConfig` (``None``: defaults).
+
+    Returns:
+        A MONAI ``Compose``; call ``set_random_state(seed=...)`` for reproducible draws.
+    """
+    from medseg.config import AugmentConfig
+
+    a = augment_config if augment_config is not None else AugmentConfig()
+    n = plan.spatial_dims
+    steps: list[Any] = [_sampler(plan)]
+    if a.enabled:
+        keys = ["image", "label"]
+        angle = math.radians(a.rotation_degrees)
+        if n == 3:
+            spacing = np.asarray([plan.target_spacing[i] for i in range(3)], dtype=float)
+            if spacing.max() > 3 * spacing.min():
+                # thick slices: rotate in-plane only (about the thick axis), as nnU-Net
+                rotate = [angle if i == int(np.argmax(spacing)) else 0.0 for i in range(3)]
+            else:
+                rotate = [angle] * 3
+        else:
+            rotate = [angle]
+        interp = "bilinear"
+        if a.rotation_prob > 0:
+            steps.append(RandAffined(keys, prob=a.rotation_prob, rotate_range=rotate, mode=(interp, "nearest"),
+                                     padding_mode="zeros"))
+        if a.scale_prob > 0:
+            steps.append(RandZoomd(keys, prob=a.scale_prob, min_zoom=a.scale_range[0], max_zoom=a.scale_range[1],
+                                   mode=("bilinear" if n == 2 else "trilinear", "nearest"),
+                                   padding_mode="constant", keep_size=True))
+        if a.noise_prob > 0:
+            steps.append(RandGaussianNoised("image", prob=a.noise_prob, std=a.noise_std, sample_std=True))
+        if a.blur_prob > 0:
+            sigma = tuple(a.blur_sigma)
+            steps.append(RandGaussianSmoothd("image", sigma_x=sigma, sigma_y=sigma, sigma_z=sigma, prob=a.blur_prob))
+        if a.brightness_prob > 0:
+            lo, hi = a.brightness_range
+            steps.append(RandScaleIntensityd("image", factors=(lo - 1.0, hi - 1.0), prob=a.brightness_prob))
+        if a.contrast_prob > 0:
+            lo, hi = a.contrast_range
+            steps.append(RandScaleIntensityFixedMeand("image", factors=(lo - 1.0, hi - 1.0), preserve_range=True,
+                                                      prob=a.contrast_prob))
+        if a.lowres_prob > 0:
+            steps.append(RandSimulateLowResolutiond("image", prob=a.lowres_prob, zoom_range=tuple(a.lowres_range),
+                                                    upsample_mode="bilinear" if n == 2 else "trilinear"))
+        if a.gamma_prob > 0:
+            steps.append(RandAdjustContrastd("image", prob=a.gamma_prob, gamma=tuple(a.gamma_range), retain_stats=True))
+        if a.flip_prob > 0:
+            steps.extend(RandFlipd(keys, prob=a.flip_prob, spatial_axis=axis) for axis in range(n))
+    steps.append(ToTensorsd())
+    return Compose(steps, map_items=False)
+
+
+def build_val_transforms(plan: Plan) -> Compose:
+    """Patch sampling (same foreground share and class ratios) without augmentation, then tensors."""
+    return Compose([_sampler(plan), ToTensorsd()], map_items=False)
