@@ -1,0 +1,173 @@
+"""What a run records: ``metrics.csv``, ``train.log`` and TensorBoard events (scalars and overlays).
+
+Only rank 0 records; the other ranks get a :class:`Monitor` that does nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+__all__ = ["Monitor", "overlay_image"]
+
+LOGGER_NAME = "medseg"
+
+
+class Monitor:
+    """Writes metrics.csv, train.log and TensorBoard events for one fold (rank 0 only).
+
+    Args:
+        fold_dir: the fold's folder.
+        class_names: foreground class names (columns ``dice_<name>``).
+        enabled: False on ranks other than 0.
+        start_epoch: on resume, rows of later epochs are dropped from metrics.csv.
+    """
+
+    def __init__(self, fold_dir: Path, class_names: Sequence[str], *, enabled: bool = True, start_epoch: int = 0):
+        self.enabled = enabled
+        self.class_names = list(class_names)
+        self.columns = [
+            "epoch",
+            "train_loss",
+            "lr",
+            *[f"dice_{n}" for n in self.class_names],
+            "mean_fg_dice",
+            "data_wait_s",
+            "compute_s",
+            "epoch_s",
+        ]
+        self.csv_path = fold_dir / "metrics.csv"
+        self._writer: Any = None
+        self._handler: logging.Handler | None = None
+        if not enabled:
+            return
+        fold_dir.mkdir(parents=True, exist_ok=True)
+        self._prepare_csv(start_epoch)
+        self._handler = logging.FileHandler(fold_dir / "train.log", encoding="utf-8")
+        self._handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        logger = logging.getLogger(LOGGER_NAME)
+        logger.addHandler(self._handler)
+        if logger.getEffectiveLevel() > logging.INFO:
+            logger.setLevel(logging.INFO)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(fold_dir / "events"), purge_step=start_epoch + 1 if start_epoch else None)
+
+    def _prepare_csv(self, start_epoch: int) -> None:
+        rows: list[dict[str, str]] = []
+        if self.csv_path.is_file() and start_epoch > 0:
+            with open(self.csv_path, newline="", encoding="utf-8") as fh:
+                rows = [r for r in csv.DictReader(fh) if r.get("epoch", "").isdigit() and int(r["epoch"]) <= start_epoch]
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
+        tmp.write_text(buf.getvalue(), encoding="utf-8")
+        os.replace(tmp, self.csv_path)
+
+    def epoch_end(
+        self,
+        epoch: int,
+        *,
+        train_loss: float,
+        lr: float,
+        val_dice: dict[str, float] | None,
+        data_wait_s: float,
+        compute_s: float,
+        epoch_s: float,
+        steps: int = 1,
+    ) -> None:
+        """Append one row to metrics.csv and write the epoch's scalars (``epoch`` counts from 1).
+
+        ``data_wait_s``/``compute_s`` are the epoch's totals over ``steps`` optimizer steps.
+        """
+        if not self.enabled:
+            return
+        mean = _mean_fg(val_dice)
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "train_loss": f"{train_loss:.6g}",
+            "lr": f"{lr:.6g}",
+            "data_wait_s": f"{data_wait_s:.3f}",
+            "compute_s": f"{compute_s:.3f}",
+            "epoch_s": f"{epoch_s:.3f}",
+            "mean_fg_dice": "" if mean is None else f"{mean:.6f}",
+        }
+        for name in self.class_names:
+            value = (val_dice or {}).get(name)
+            row[f"dice_{name}"] = "" if value is None or math.isnan(value) else f"{value:.6f}"
+        with open(self.csv_path, "a", newline="", encoding="utf-8") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n").writerow(row)
+        w = self._writer
+        w.add_scalar("train/loss", train_loss, epoch)
+        w.add_scalar("train/lr", lr, epoch)
+        total = data_wait_s + compute_s
+        w.add_scalar("time/data_wait_s", data_wait_s, epoch)
+        w.add_scalar("time/compute_s", compute_s, epoch)
+        w.add_scalar("time/data_wait_share", data_wait_s / total if total > 0 else 0.0, epoch)
+        w.add_scalar("time/step_data_wait_s", data_wait_s / max(1, steps), epoch)
+        w.add_scalar("time/step_compute_s", compute_s / max(1, steps), epoch)
+        w.add_scalar("time/epoch_s", epoch_s, epoch)
+        if val_dice is not None:
+            for name, value in val_dice.items():
+                if not math.isnan(value):
+                    w.add_scalar(f"val/dice_{name}", value, epoch)
+            if mean is not None:
+                w.add_scalar("val/mean_fg_dice", mean, epoch)
+        w.flush()
+
+    def image(self, tag: str, rgb: np.ndarray, epoch: int) -> None:
+        """Write an ``(H, W, 3)`` uint8 image."""
+        if self.enabled:
+            self._writer.add_image(tag, rgb, epoch, dataformats="HWC")
+            self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        if self._handler is not None:
+            logging.getLogger(LOGGER_NAME).removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+
+def _mean_fg(val_dice: dict[str, float] | None) -> float | None:
+    if not val_dice:
+        return None
+    values = [v for v in val_dice.values() if not math.isnan(v)]
+    return sum(values) / len(values) if values else None
+
+
+def overlay_image(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Side by side: the slice, reference in green, prediction in red (``(H, 3W, 3)`` uint8).
+
+    Args:
+        image: ``(H, W)`` intensities (any range).
+        label, pred: ``(H, W)`` class indices.
+    """
+    import numpy as np
+
+    img = image.astype(np.float32)
+    lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
+    gray = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    base = np.repeat(gray[..., None], 3, axis=-1)
+
+    def tint(mask: np.ndarray, color: tuple[float, float, float]) -> np.ndarray:
+        out = base.copy()
+        m = mask > 0
+        out[m] = 0.5 * out[m] + 0.5 * np.asarray(color, dtype=np.float32)
+        return out
+
+    panel = np.concatenate([base, tint(label, (0.0, 1.0, 0.0)), tint(pred, (1.0, 0.0, 0.0))], axis=1)
+    return (panel * 255).round().astype(np.uint8)
