@@ -1,0 +1,15 @@
+"""Inference: segment scans with a trained model folder and write masks on the scans' own grids.
+
+Modules (imported on use; none imports torch at package import):
+
+- :mod:`~medseg.inference.segmenter`: :class:`Segmenter` (load a model folder or
+  fold ensemble, ``predict``, ``predict_many``) and :class:`Prediction`;
+- :mod:`~medseg.inference.sliding_window`: ``predict_logits`` on the plan grid
+  (Gaussian blending, window skipping, TTA, bounded-memory streaming);
+- :mod:`~medseg.inference.restore`: plan-grid scores back onto the scan's grid;
+- :mod:`~medseg.inference.postprocess`, :mod:`~medseg.inference.stats`,
+  :mod:`~medseg.inference.preview`, :mod:`~medseg.inference.provenance`: outputs;
+- :mod:`~medseg.inference.export`: TorchScript / ONNX export.
+
+See ``docs/inference.md``.
+"""

@@ -1,0 +1,147 @@
+"""Provenance of a prediction, and the small atomic writers for side outputs.
+
+Every ``medseg infer`` output can be traced back: :func:`make_provenance`
+records the medseg version, the model folder(s) with their weights' sha256,
+the input's sha256 (a DICOM folder hashes its files in name order) and every
+setting that changed the result. It holds no patient data: no DICOM tags, and
+paths only as the user passed them.
+
+Side outputs (JSON, CSV, PNG) are written like masks: into a hidden temporary
+file in the target folder, then renamed into place; an existing file is kept
+unless ``overwrite=True``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from medseg.errors import OutputExistsError, OutputWriteError
+
+__all__ = ["check_output_path", "hash_input", "make_provenance", "write_bytes_atomic", "write_json_atomic"]
+
+
+def hash_input(path: str | os.PathLike) -> str:
+    """sha256 of a file, or of every file in a folder (sorted by name; names included)."""
+    path = Path(path)
+    h = hashlib.sha256()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if path.is_dir():
+            h.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def make_provenance(
+    *,
+    models: list[dict[str, Any]],
+    settings: dict[str, Any],
+    input_path: str | os.PathLike | None,
+    input_sha256: str | None,
+    device: str,
+    outputs: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The provenance record written as ``<case>_provenance.json``.
+
+    Args:
+        models: one ``{"path", "fold", "weights_sha256", "name"}`` per ensemble member.
+        settings: overlap, tta, batch size, postprocess, folds ... as used.
+        input_path: the scan as the user named it (``None`` for in-memory arrays).
+        input_sha256: see :func:`hash_input`.
+        device: where the network ran.
+        outputs: output kind -> file name.
+    """
+    import numpy as np
+    import torch
+
+    from medseg import __version__
+
+    return {
+        "medseg_version": __version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": {"path": None if input_path is None else str(input_path), "sha256": input_sha256},
+        "models": models,
+        "settings": settings,
+        "device": device,
+        "software": {
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },
+        "outputs": outputs or {},
+    }
+
+
+def check_output_path(path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
+    """Refuse to replace an input, or an existing file without ``overwrite``; the folder must exist.
+
+    Raises:
+        OutputExistsError: the file exists (and ``overwrite`` is False) or is one of ``inputs``.
+        OutputWriteError: the folder is missing.
+    """
+    path = Path(path)
+    resolved = path.resolve()
+    for source in inputs:
+        src = Path(source).resolve()
+        if resolved == src or (src.is_dir() and src in resolved.parents):
+            raise OutputExistsError(f"output {path} would write onto the input {source}; choose another -o folder.")
+    if path.exists() and not overwrite:
+        raise OutputExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it.")
+    if not path.parent.is_dir():
+        raise OutputWriteError(f"output folder {path.parent} does not exist; create it or pass another -o.")
+    return path
+
+
+def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    Raises:
+        OutputExistsError: the file exists and ``overwrite`` is False.
+        OutputWriteError: the folder is missing or not writable.
+    """
+    path = check_output_path(Path(path), overwrite=overwrite)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}.") from err
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        if not overwrite and path.exists():
+            raise OutputExistsError(f"output {path} appeared while writing; pass --overwrite to replace it.")
+        os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OutputExistsError):
+            raise
+        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}.") from err
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write JSON (indented, UTF-8) atomically; see :func:`write_bytes_atomic`."""
+    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n"
+    return write_bytes_atomic(text.encode("utf-8"), path, overwrite=overwrite)
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
