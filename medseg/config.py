@@ -35,7 +35,9 @@ __all__ = [
     "TrainConfig",
     "config_from_dict",
     "load_config",
+    "match_type",
     "save_config",
+    "type_name",
 ]
 
 
@@ -265,7 +267,7 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Config:
     sections = {}
     for name, value in data.items():
         if name not in SECTIONS:
-            raise ConfigError(_unknown(name, list(SECTIONS), f"section in {source}"))
+            raise ConfigError(_unknown(name, list(SECTIONS), f"section {name!r} in {source}"))
         if value is None:
             value = {}
         if not isinstance(value, dict):
@@ -276,22 +278,13 @@ def config_from_dict(data: dict[str, Any], *, source: str = "config") -> Config:
 
 
 def save_config(config: Config, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically)."""
-    import os
-    import tempfile
-
+    """Write the resolved config as YAML (atomically, replacing an existing file)."""
     import yaml
 
-    path = Path(path)
+    from medseg.io.atomic import write_text_atomic
+
     text = "# medseg config (resolved)\n" + yaml.safe_dump(config.to_dict(), sort_keys=False)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text_atomic(text, path, overwrite=True)
 
 
 def field_docs() -> list[tuple[str, str, Any, str]]:
@@ -302,7 +295,7 @@ def field_docs() -> list[tuple[str, str, Any, str]]:
         instance = cls()
         for f in dataclasses.fields(cls):
             rows.append(
-                (f"{section.name}.{f.name}", _type_name(_hints(cls)[f.name]), getattr(instance, f.name), f.metadata["doc"])
+                (f"{section.name}.{f.name}", type_name(_hints(cls)[f.name]), getattr(instance, f.name), f.metadata["doc"])
             )
     return rows
 
@@ -319,9 +312,10 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 def _unknown(key: str, valid: list[str], what: str) -> str:
+    """``unknown <what>. Did you mean '<closest>'? Valid: ...`` (``what`` names the key and where it is)."""
     close = difflib.get_close_matches(key, valid, n=1)
     hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"unknown {what}: {key!r}.{hint} Valid: {', '.join(valid)}."
+    return f"unknown {what}.{hint} Valid: {', '.join(valid)}."
 
 
 def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
@@ -330,28 +324,29 @@ def _build(cls: type, values: dict[str, Any], prefix: str, source: str) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in hints:
-            raise ConfigError(_unknown(key, names, f"key '{prefix}.{key}' in {source}").replace(f"{key!r}.", "", 1))
+            raise ConfigError(_unknown(key, names, f"key '{prefix}.{key}' in {source}"))
         kwargs[key] = _coerce(value, hints[key], f"{prefix}.{key}", source)
     return cls(**kwargs)
 
 
 def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
-    ok, converted = _match(value, tp)
+    ok, converted = match_type(value, tp)
     if not ok:
         raise ConfigError(
-            f"{key} in {source} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})."
+            f"{key} in {source} must be {type_name(tp)}, got {value!r} ({type(value).__name__})."
         )
     return converted
 
 
-def _match(value: Any, tp: Any) -> tuple[bool, Any]:
+def match_type(value: Any, tp: Any) -> tuple[bool, Any]:
+    """Whether plain data ``value`` fits the annotation ``tp`` (ints widen to floats); ``(ok, converted)``."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return True, value
     if origin in (Union, types.UnionType):
         for arg in args:
-            ok, converted = _match(value, arg)
+            ok, converted = match_type(value, arg)
             if ok:
                 return True, converted
         return False, None
@@ -374,7 +369,7 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
             return False, None
         out = []
         for item in value:
-            ok, converted = _match(item, args[0])
+            ok, converted = match_type(item, args[0])
             if not ok:
                 return False, None
             out.append(converted)
@@ -384,15 +379,16 @@ def _match(value: Any, tp: Any) -> tuple[bool, Any]:
     return isinstance(value, tp), value
 
 
-def _type_name(tp: Any) -> str:
+def type_name(tp: Any) -> str:
+    """Readable name of an annotation for error messages (e.g. 'a list of integers or null')."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in args)
+        return " or ".join(type_name(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], _type_name(args[0]))
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], type_name(args[0]))
     if origin is dict:
         return "a mapping"
     if tp is type(None):
@@ -443,6 +439,10 @@ def _validate(cfg: Config, source: str) -> Config:
             problems.append(f"augment.{f.name} must be [low, high] with low <= high, got {value}")
     if isinstance(cfg.loss.class_weights, list) and any(w < 0 for w in cfg.loss.class_weights):
         problems.append("loss.class_weights must be >= 0")
+    if cfg.loss.ignore_label is not None and cfg.loss.ignore_label < 1:
+        problems.append(
+            f"loss.ignore_label must be a label value >= 1 that is no class (e.g. 255), got {cfg.loss.ignore_label}"
+        )
     if problems:
         raise ConfigError(f"invalid config {source}: " + "; ".join(problems) + ".")
     return cfg

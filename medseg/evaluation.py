@@ -21,7 +21,6 @@ import json
 import math
 import multiprocessing
 import os
-import tempfile
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
@@ -32,7 +31,15 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg import metrics as M
-from medseg.errors import ConfigError, DatasetError, GeometryError, MedsegError, OutputExistsError
+from medseg.errors import (
+    ConfigError,
+    DatasetError,
+    GeometryError,
+    MedsegError,
+    OutputExistsError,
+    OutputWriteError,
+)
+from medseg.io.atomic import write_text_atomic
 
 __all__ = [
     "CSV_NAME",
@@ -500,16 +507,23 @@ class EvaluationReport:
 
         Raises:
             OutputExistsError: a report file exists and ``overwrite`` is False.
+            OutputWriteError: the folder cannot be created or written.
         """
         out = Path(output_dir)
         targets = _report_paths(out, lesions=bool(self.settings.get("lesion")))
         _check_targets(targets, overwrite=overwrite)
-        out.mkdir(parents=True, exist_ok=True)
-        _write_atomic(targets[0], self.csv_text())
-        _write_atomic(targets[1], json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise OutputWriteError(
+                f"cannot create the evaluation report folder {out} ({err.strerror or err}); "
+                "choose another output folder with -o."
+            ) from err
+        write_text_atomic(self.csv_text(), targets[0], overwrite=overwrite)
+        write_text_atomic(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", targets[1], overwrite=overwrite)
         self.csv_path, self.summary_path = targets[0], targets[1]
         if len(targets) > 2:
-            _write_atomic(targets[2], self.lesions_csv_text())
+            write_text_atomic(self.lesions_csv_text(), targets[2], overwrite=overwrite)
             self.lesions_path = targets[2]
         return targets
 
@@ -622,19 +636,6 @@ def _check_targets(targets: Sequence[Path], *, overwrite: bool) -> None:
             f"evaluation report {', '.join(existing)} exists; pass --overwrite (overwrite=True) to replace "
             "it, or choose another output folder with -o."
         )
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------

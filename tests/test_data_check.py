@@ -160,3 +160,16 @@ def test_real_ct_without_metadata_is_planned_as_ct(tmp_path, shared_data):
     plan = make_plan(fingerprint)
     assert plan.normalization[0].scheme == "ct" and plan.target_spacing == [3.0, 3.0, 3.0]
     assert plan.class_sampling_ratios[pancreas] > plan.class_sampling_ratios[fingerprint.label_values.index(5)]
+
+
+def test_ignore_label_value_is_accepted_only_when_named(dataset):
+    label_path = dataset / "labelsTr" / "phantom_000.nii.gz"
+    label = np.asanyarray(nib.load(label_path).dataobj).copy()
+    label[:2] = 255  # unlabeled voxels, not declared in dataset.json
+    _rewrite(label_path, array=label)
+    report = check_dataset(scan_dataset(dataset))
+    assert not report.ok
+    assert "label values {255} not in dataset.json labels" in report.format()
+    assert "set loss.ignore_label (medseg check --ignore-label)" in report.format()
+    assert check_dataset(scan_dataset(dataset), ignore_label=255).ok
+    assert main(["check", str(dataset), "--ignore-label", "255"]) == 0

@@ -9,11 +9,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.config import Config, DataConfig, LossConfig
+from medseg.config import Config, DataConfig, LossConfig, config_from_dict
 from medseg.data import compute_fingerprint, scan_dataset
 from medseg.data.fingerprint import Fingerprint
 from medseg.data.plan import Plan, load_plan, make_plan, save_plan, target_spacing_rule
-from medseg.errors import ConfigError
+from medseg.errors import ConfigError, DatasetError
 
 
 def _save(array, affine, path):
@@ -171,3 +171,58 @@ def test_plan_json_round_trip(tmp_path):
     save_plan(plan, tmp_path / "plan.json")
     assert load_plan(tmp_path / "plan.json") == plan
     assert isinstance(plan, Plan) and plan.format_version == 1
+
+
+def test_edited_plan_with_wrong_types_is_refused_field_by_field(tmp_path):
+    plan = make_plan(_fp(spacings=[[0.8, 0.8, 3.0]] * 2, shapes=[[128, 128, 40]] * 2))
+    data = plan.to_dict()
+    data["patch_size"] = "abc"
+    data["normalization"][0]["clip"] = [1.0]
+    del data["batch_size"]
+    with pytest.raises(ConfigError, match=r"patch_size='abc' \(expected a list of integers\).*batch_size is missing"):
+        Plan.from_dict(data)
+    with pytest.raises(ConfigError, match=r"normalization\[0\]\.clip=\[1\.0\]"):
+        Plan.from_dict(data)
+
+
+# --- ignore label (loss.ignore_label): a label value that is no class -------------------------------
+def _ignore_dataset(root, *, declare_ignore: bool):
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    affine = np.diag([1.0, 1.0, 2.0, 1.0])
+    image = np.full((10, 8, 6), 50.0, dtype=np.float32)
+    image[2:4, 2:4, 2:4] = 900.0  # unlabeled voxels: not foreground for the intensity statistics
+    label = np.zeros((10, 8, 6), dtype=np.uint8)
+    label[5:7, 2:4, 2:4] = 1
+    label[2:4, 2:4, 2:4] = 255
+    _save(image, affine, root / "images" / "c1.nii.gz")
+    _save(label, affine, root / "labels" / "c1.nii.gz")
+    labels = {"0": "bg", "1": "organ", **({"255": "unlabeled"} if declare_ignore else {})}
+    (root / "dataset.json").write_text(json.dumps({"labels": labels, "channel_names": {"0": "CT"}}))
+    return scan_dataset(root)
+
+
+@pytest.mark.parametrize("declare_ignore", [False, True])
+def test_ignore_label_is_no_class_in_the_plan(tmp_path, declare_ignore):
+    index = _ignore_dataset(tmp_path / "ds", declare_ignore=declare_ignore)
+    fp = compute_fingerprint(index, ignore_label=255)
+    assert fp.intensity[0]["max"] == 50.0  # the unlabeled voxels (900) were not sampled as foreground
+    config = Config(loss=LossConfig(ignore_label=255))
+    plan = make_plan(fp, config)
+    assert plan.label_values == [0, 1] and plan.label_names == ["bg", "organ"] and plan.num_classes == 2
+    assert plan.ignore_label == 255 and len(plan.class_weights) == 2 and len(plan.class_sampling_ratios) == 2
+    assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
+
+
+def test_undeclared_ignore_value_is_refused_without_ignore_label(tmp_path):
+    index = _ignore_dataset(tmp_path / "ds", declare_ignore=False)
+    with pytest.raises(DatasetError, match=r"label values \[255\] occur in .* but dataset.json declares \[0, 1\]"):
+        compute_fingerprint(index)
+
+
+def test_background_cannot_be_the_ignore_label():
+    with pytest.raises(ConfigError, match=r"loss.ignore_label must be a label value >= 1 that is no class"):
+        config_from_dict({"loss": {"ignore_label": 0}})
+    fp = _fp(spacings=[[1.0, 1.0, 1.0]], shapes=[[64, 64, 64]])
+    with pytest.raises(ConfigError, match=r"loss.ignore_label is 0, the background value"):
+        make_plan(fp, Config(loss=LossConfig(ignore_label=0)))  # built directly: make_plan checks it too

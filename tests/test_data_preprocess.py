@@ -119,3 +119,39 @@ def test_resample_array_keeps_the_field_of_view_and_constant_values():
     y = resample_array(x, (20, 4, 6), order=3)
     assert y.shape == (1, 20, 4, 6)
     np.testing.assert_allclose(y, 3.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("shape", "new_shape", "separate"), [
+    ((2, 37, 41, 13), (20, 50, 7), None),  # trilinear, down and up
+    ((1, 40, 30, 9), (15, 12, 20), 2),  # bilinear in-plane, nearest along the thick axis
+    ((1, 30, 40), (17, 61), None),  # 2D
+])
+def test_linear_image_resampling_matches_scipy_spline_order_1(shape, new_shape, separate):
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    got = resample_array(x, new_shape, order=1, separate_axis=separate, order_separate=0)
+    assert got.dtype == np.float32 and got.shape == (shape[0], *new_shape)
+    for c in range(shape[0]):
+        if separate is None:
+            zoom = [n / o for n, o in zip(new_shape, shape[1:])]
+            ref = ndimage.zoom(x[c], zoom, order=1, mode="nearest", grid_mode=True)
+        else:
+            first = [1.0 if a == separate else n / o for a, (n, o) in enumerate(zip(new_shape, shape[1:]))]
+            ref = ndimage.zoom(x[c], first, order=1, mode="nearest", grid_mode=True)
+            second = [new_shape[a] / shape[1 + a] if a == separate else 1.0 for a in range(len(new_shape))]
+            ref = ndimage.zoom(ref, second, order=0, mode="nearest", grid_mode=True)
+        np.testing.assert_allclose(got[c], ref, atol=1e-4)
+
+
+def test_preprocessing_resamples_images_linearly():
+    from medseg.data.preprocess import IMAGE_ORDER, PREPROCESS_VERSION
+
+    assert IMAGE_ORDER == 1 and PREPROCESS_VERSION >= 2
+    # a linear ramp stays a linear ramp under linear interpolation (a cubic spline would too, but
+    # only linear keeps a step's values inside the input range)
+    step = np.zeros((1, 8, 4, 4), dtype=np.float32)
+    step[0, 4:] = 100.0
+    out = resample_array(step, (13, 4, 4), order=IMAGE_ORDER)
+    assert out.min() >= 0.0 and out.max() <= 100.0
+    assert 0.0 < out[0, 6, 0, 0] < 100.0

@@ -40,3 +40,10 @@ def test_demo_never_replaces_a_folder_it_did_not_create(tmp_path, capsys):
     assert main(["demo", "-o", str(out)]) == 2
     assert "is not a previous medseg demo folder" in capsys.readouterr().err
     assert (out / "precious.txt").read_text() == "user data"
+
+
+def test_demo_output_that_is_a_file_is_refused(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    assert main(["demo", "-o", str(target)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

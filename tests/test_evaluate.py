@@ -16,7 +16,14 @@ from conftest import make_affine, sphere_mask
 
 from medseg import metrics as M
 from medseg.cli import main
-from medseg.errors import ArrayValueError, ConfigError, DatasetError, GeometryError, OutputExistsError
+from medseg.errors import (
+    ArrayValueError,
+    ConfigError,
+    DatasetError,
+    GeometryError,
+    OutputExistsError,
+    OutputWriteError,
+)
 from medseg.evaluation import CSV_NAME, LESIONS_CSV_NAME, SUMMARY_NAME, case_name, evaluate, load_labels
 
 SHAPE = (24, 20, 16)
@@ -218,6 +225,16 @@ def test_existing_reports_are_not_overwritten(cases):
         root / "pred", root / "gt", metrics="iou", output_dir=root / "eval", overwrite=True, num_workers=0
     )
     assert "iou" in (root / "eval" / CSV_NAME).read_text().splitlines()[0]
+
+
+def test_report_folder_that_cannot_be_created_is_one_clear_error(cases, capsys):
+    root, _ = cases
+    blocker = root / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    with pytest.raises(OutputWriteError, match=r"cannot create the evaluation report folder .*notes\.txt/eval"):
+        evaluate(root / "pred", root / "gt", metrics="dice", output_dir=blocker / "eval", num_workers=0)
+    assert main(["evaluate", str(root / "pred"), str(root / "gt"), "-o", str(blocker / "eval")]) == 2
+    assert "OutputWriteError: cannot create the evaluation report folder" in capsys.readouterr().err
 
 
 def test_lesion_evaluation_writes_per_lesion_rows(cases):

@@ -145,3 +145,46 @@ def test_restore_with_probabilities_puts_background_outside_the_crop(tmp_path):
     assert np.all(probs[0][outside] == 255) and np.all(probs[1][outside] == 0)
     clear = np.abs(probs[0].astype(int) - probs[1]) > 1  # away from ties lost to uint8 rounding
     np.testing.assert_array_equal(classes[clear], np.argmax(probs, axis=0)[clear])
+
+
+@pytest.mark.parametrize("kind", ["logits", "probs"])
+def test_restore_resamples_only_around_computed_scores_with_the_same_result(tmp_path, kind):
+    import torch
+
+    from medseg.data.preprocess import restore_mask
+    from medseg.inference.restore import argmax_channels, informative_box, resample_slabs
+    from medseg.inference.sliding_window import BACKGROUND_MARGIN
+
+    _sphere_scan(tmp_path / "scan.nii.gz", "PIR")
+    case = preprocess_case(read_volume(tmp_path / "scan.nii.gz"), make_plan(num_classes=3))
+    shape = case.image.shape[1:]
+    scores = torch.full((3, *shape), -BACKGROUND_MARGIN)
+    scores[0] = 0.0  # what the sliding window leaves where no window ran
+    inner = tuple(slice(n // 4, n - n // 4) for n in shape)
+    scores[(slice(None), *inner)] = torch.randn((3, *scores[(0, *inner)].shape), generator=torch.Generator().manual_seed(0))
+    if kind == "probs":
+        scores = torch.softmax(scores, dim=0)
+    crop_shape = case.record.shape_after_crop
+    separate = case.record.separate_axis
+    box = informative_box(scores, crop_shape, kind=kind, separate_axis=separate)
+    assert all(b - a < n for (a, b), n in zip(box, crop_shape))  # a real saving on every axis
+    classes, probs = restore_prediction(scores, case.record, kind=kind, probabilities=True)
+    # reference: resample every voxel, then argmax / uint8 probabilities
+    axis = separate if separate is not None else int(np.argmax(crop_shape))
+    ref = np.empty(crop_shape, dtype=np.uint8)
+    ref_p = np.empty((3, *crop_shape), dtype=np.uint8)
+    gap = np.empty(crop_shape, dtype=np.float32)  # top-1 minus top-2 score: ties may go either way
+    for start, stop, slab in resample_slabs(scores, crop_shape, separate_axis=separate, axis=axis):
+        np.moveaxis(ref, axis, 0)[start:stop] = argmax_channels(slab).numpy()
+        top = slab.topk(2, dim=0).values
+        np.moveaxis(gap, axis, 0)[start:stop] = (top[0] - top[1]).numpy()
+        p = torch.softmax(slab, dim=0) if kind == "logits" else slab
+        np.moveaxis(ref_p, 1 + axis, 1)[:, start:stop] = p.mul(255).round().clamp(0, 255).to(torch.uint8).numpy()
+    clear = restore_mask(gap > 1e-4, case.record) | ~restore_mask(np.ones(crop_shape, dtype=bool), case.record)
+    np.testing.assert_array_equal(classes[clear], restore_mask(ref, case.record)[clear])
+    assert clear.mean() > 0.99
+    restored_p = np.stack([restore_mask(ref_p[c], case.record) for c in range(3)])
+    inside = np.zeros(SHAPE, dtype=bool)
+    inside[2:22, 2:18, 1:15] = True  # the crop box (outside it restore_mask's fill is 0 for every class)
+    assert np.abs(probs[:, inside].astype(int) - restored_p[:, inside]).max() <= 1  # float rounding only
+    assert classes.any() and (classes == 0).any()

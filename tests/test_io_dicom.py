@@ -119,9 +119,9 @@ def test_several_series_are_refused_listing_each(series_dir, tmp_path):
     folder = copy_series(series_dir, tmp_path / "two", 6, split)
     refused(
         folder,
-        r"holds 2 DICOM series; choose one with series_uid= \(CLI: --series-uid UID\):\n"
-        r"  - uid 1\.2\.3\.4  modality CT  3 slice\(s\)  description 'first'\n"
-        r"  - uid 1\.2\.3\.5  modality CT  3 slice\(s\)  description 'second'",
+        r"holds 2 DICOM series; choose one with series_uid= \(CLI: --series-uid UID\): "
+        r"\[uid 1\.2\.3\.4  modality CT  3 slice\(s\)  description 'first'\]; "
+        r"\[uid 1\.2\.3\.5  modality CT  3 slice\(s\)  description 'second'\]$",
     )
     volume = read_volume(folder, series_uid="1.2.3.5")
     assert volume.geometry.shape == (512, 512, 3)

@@ -173,6 +173,14 @@ def test_dice_per_class_counts_and_ignores_classes_absent_from_both():
     assert np.isnan(dice[1])
 
 
+def test_dice_per_class_skips_voxels_of_the_ignore_index():
+    label = np.array([0, 1, 1, 3, 3, 0])  # 3 == num_classes: the ignore label's index
+    pred = np.array([0, 1, 1, 1, 2, 0])  # predictions on ignored voxels count for nothing
+    dice = dice_per_class(pred, label, 3)
+    assert dice[0] == pytest.approx(1.0)
+    assert np.isnan(dice[1])
+
+
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 

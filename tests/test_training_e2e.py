@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import medseg
+from medseg.cli import main
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import ConfigError
 from medseg.training.model_folder import find_model_dirs, load_model_folder, read_model_json
@@ -218,3 +219,13 @@ def test_sigterm_saves_a_checkpoint_and_prints_the_resume_command(ct_dataset, tm
 
     ckpt = load_checkpoint(out / "fold_0" / "checkpoint_last.pt")
     assert ckpt["epoch"] == 0 and 0 < ckpt["iteration"] < 100000
+
+
+def test_unwritable_run_folder_is_one_clear_line(ct_dataset, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = main(["train", str(ct_dataset), "-o", str(blocker / "run"), "--set", "data.num_workers=0"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "cannot create the run folder" in err[0]

@@ -129,6 +129,17 @@ def test_weights_path_outside_the_folder_is_refused(tmp_path):
         read_model_json(model_dir)
 
 
+@pytest.mark.parametrize("model_entry", ["unet", {"options": {}}, {"name": "tiny", "options": [4]}])
+def test_hand_edited_model_entry_is_refused_as_corrupt(tmp_path, model_entry):
+    plan = tiny_plan()
+    model_dir = save(tmp_path, build("tiny", plan, {}), plan)
+    meta = json.loads((model_dir / "model.json").read_text())
+    meta["model"] = model_entry
+    (model_dir / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"model.json is corrupt: 'model' must be \{\"name\": str"):
+        read_model_json(model_dir)
+
+
 def test_find_model_dirs_accepts_model_fold_and_run_folders(tmp_path):
     plan = tiny_plan()
     run = tmp_path / "run"

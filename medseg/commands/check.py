@@ -23,6 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--folds", type=int, default=5, metavar="N",
         help="cross-validation folds that will be used: fewer cases is a problem (default: 5; 1 skips the check)",
     )
+    parser.add_argument(
+        "--ignore-label", type=int, default=None, metavar="VALUE",
+        help="label value that marks unlabeled voxels (loss.ignore_label): allowed although not declared",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"{index.root}: {index.layout} layout, {len(index.cases)} training case(s)"
           + (f", {len(index.test_cases)} test case(s)" if index.test_cases else ""))
-    report = check_dataset(index, num_folds=args.folds)
+    report = check_dataset(index, num_folds=args.folds, ignore_label=args.ignore_label)
     print(report.format())
     return 0 if report.ok else 2

@@ -19,7 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", metavar="DATASET_DIR",
                         help="use your own dataset folder instead of the synthetic phantoms")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
-    parser.add_argument("--max-epochs", type=int, help="override the demo's 12 epochs (e.g. 2 for a smoke test)")
+    parser.add_argument("--max-epochs", type=int, help="override the demo's 60 epochs (e.g. 2 for a smoke test)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phantoms and of training (default: 0)")
 
 
@@ -31,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
     total = sum(result.seconds.values())
     print()
     print(f"medseg demo finished in {total / 60:.1f} min on {what}")
-    print(f"  dataset   {result.dataset_dir}")
-    print(f"  run       {result.run_dir}   (config, plan, splits, metrics.csv, TensorBoard events)")
-    print(f"  model     {result.model_dir}")
-    print(f"  scan      {result.scan}")
+    print(f"  {'dataset':<10}{result.dataset_dir}")
+    print(f"  {'run':<10}{result.run_dir}   (config, plan, splits, metrics.csv, TensorBoard events)")
+    print(f"  {'model':<10}{result.model_dir}")
+    print(f"  {'scan':<10}{result.scan}")
     for kind in ("mask", "preview", "statistics"):
         if kind in result.outputs:
-            print(f"  {kind:<9} {result.outputs[kind]}")
-    print(f"  report    {result.report_dir}")
+            print(f"  {kind:<10}{result.outputs[kind]}")
+    print(f"  {'report':<10}{result.report_dir}")
     print()
     print("Held-out scan vs its reference:")
     print(f"  {'class':<20} {'Dice':>6} {'HD95 (mm)':>10}")

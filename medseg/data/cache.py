@@ -9,8 +9,9 @@ class-balanced patch sampling) and ``<case>.json`` (the
 sizes and modification times).
 
 ``<key>`` hashes the plan fields that change preprocessing (orientation,
-target spacing, normalisation, crop, labels, channels), so a new plan gets a
-new folder and an old one is never reused by mistake; a changed source file
+target spacing, normalisation, crop, labels, channels) and
+:data:`~medseg.data.preprocess.PREPROCESS_VERSION` (the resampling rules), so a
+new plan or a new medseg preprocessing rule gets a new folder and an old one is never reused by mistake; a changed source file
 (size or mtime) makes its entry stale. Files are written to a temporary name
 and renamed, the JSON last, so an interrupted run never leaves a half entry
 that looks complete. Arrays are loaded with ``allow_pickle=False`` and
@@ -23,7 +24,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,24 +34,29 @@ import numpy as np
 
 from medseg.data.folders import Case, read_case, safe_case_id
 from medseg.data.plan import Plan
-from medseg.data.preprocess import PreprocessRecord, preprocess_case
+from medseg.data.preprocess import PREPROCESS_VERSION, PreprocessRecord, preprocess_case
 from medseg.errors import DatasetError
+from medseg.io.atomic import atomic_path
 
 __all__ = ["CACHE_FORMAT_VERSION", "LOCATIONS_PER_CLASS", "CachedCase", "PreprocessedCache", "plan_cache_key"]
 
 CACHE_FORMAT_VERSION = 1
 LOCATIONS_PER_CLASS = 10_000
 _PREPROCESS_FIELDS = (
-    "format_version", "data_dims", "image_channels", "label_values", "orientation", "target_spacing",
-    "normalization", "crop_to_nonzero",
+    "format_version", "data_dims", "image_channels", "label_values", "ignore_label", "orientation",
+    "target_spacing", "normalization", "crop_to_nonzero",
 )
 _log = logging.getLogger(__name__)
 
 
 def plan_cache_key(plan: Plan) -> str:
-    """Hash of the plan fields that affect preprocessing (16 hex digits)."""
+    """Hash of the plan fields that affect preprocessing and of the preprocessing rules' version (16 hex digits)."""
     d = plan.to_dict()
-    payload = {"cache_format": CACHE_FORMAT_VERSION, **{k: d[k] for k in _PREPROCESS_FIELDS}}
+    payload = {
+        "cache_format": CACHE_FORMAT_VERSION,
+        "preprocess_version": PREPROCESS_VERSION,
+        **{k: d[k] for k in _PREPROCESS_FIELDS},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode()).hexdigest()[:16]
 
 
@@ -246,11 +251,6 @@ class PreprocessedCache:
         self._atomic(path, lambda fh: np.save(fh, np.ascontiguousarray(array), allow_pickle=False))
 
     def _atomic(self, path: Path, write: Any) -> None:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                write(fh)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # a cache is rebuildable: no fsync (it would cost a disk flush per array)
+        with atomic_path(path, overwrite=True, fsync=False) as temp, open(temp, "wb") as fh:
+            write(fh)

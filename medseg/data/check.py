@@ -116,13 +116,15 @@ def _short(err: Exception, index: DatasetIndex) -> str:
     return str(err).replace(str(index.root) + "/", "")
 
 
-def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5) -> CheckReport:
+def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5, ignore_label: int | None = None) -> CheckReport:
     """Read every case and report all problems and warnings.
 
     Args:
         index: from :func:`medseg.data.scan_dataset`.
         num_folds: cross-validation folds that will be used; fewer (distinct)
             cases is a problem. ``None`` skips this check.
+        ignore_label: label value of unlabeled voxels (``loss.ignore_label``): allowed
+            in label files although dataset.json does not declare it.
 
     Returns:
         The :class:`CheckReport`; call ``report.raise_if_problems()`` to stop on problems.
@@ -139,6 +141,8 @@ def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5) -> CheckRep
                 Finding(f"case id appears {n} times (ids must be unique): {', '.join(files)}", case_id)
             )
     declared = set(index.label_values) if index.label_values is not None else None
+    if declared is not None and ignore_label is not None:
+        declared.add(ignore_label)
     expected_channels = index.num_channels
     channel_source = "dataset.json declares" if expected_channels is not None else "the first case has"
     observed: set[int] = set()
@@ -152,7 +156,7 @@ def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5) -> CheckRep
     report.observed_label_values = sorted(observed)
     if declared is not None and report.cases_checked:
         for value, name in zip(index.label_values or [], index.label_names or []):
-            if value != 0 and present_in[value] == 0:
+            if value not in (0, ignore_label) and present_in[value] == 0:
                 report.warnings.append(Finding(f"class {value} ({name}) never occurs in any label file"))
     distinct = len(counts)
     if num_folds is not None and num_folds > 1 and distinct < num_folds:
@@ -249,7 +253,8 @@ def _check_label_values(array, case, declared, problem, report, index, files, ob
         if unknown:
             problem(
                 f"label values {_fmt_set(unknown)} not in dataset.json labels {_fmt_set(sorted(declared))}; "
-                "declare them or fix the label map"
+                "declare them, fix the label map, or set loss.ignore_label (medseg check --ignore-label) "
+                "if one marks unlabeled voxels"
             )
     if ints == [0]:
         report.warnings.append(Finding("label is empty (background only)", case.case_id, files))

@@ -138,13 +138,17 @@ def _oriented(image: np.ndarray, geometry: Any) -> tuple[np.ndarray, list[float]
     return reorient(image, ornt), oriented_spacing
 
 
-def compute_fingerprint(index: DatasetIndex, *, samples_per_case: int = SAMPLES_PER_CASE) -> Fingerprint:
+def compute_fingerprint(
+    index: DatasetIndex, *, samples_per_case: int = SAMPLES_PER_CASE, ignore_label: int | None = None
+) -> Fingerprint:
     """Read every training case once and summarise it.
 
     Args:
         index: from :func:`medseg.data.scan_dataset` (run :func:`check_dataset` first:
             this function stops at the first unreadable case).
         samples_per_case: foreground voxels sampled per case for intensity statistics.
+        ignore_label: label value of unlabeled voxels (``loss.ignore_label``): no class,
+            allowed although dataset.json does not declare it, and not foreground.
 
     Raises:
         DatasetError: no cases, or a case cannot be read.
@@ -185,7 +189,7 @@ def compute_fingerprint(index: DatasetIndex, *, samples_per_case: int = SAMPLES_
         cropped.append([b - a for a, b in bbox])
         values, value_counts = np.unique(label, return_counts=True)
         counts.append(dict(zip((int(v) for v in values), (int(c) for c in value_counts))))
-        foreground = label[0] > 0
+        foreground = (label[0] > 0) & (label[0] != ignore_label) if ignore_label is not None else label[0] > 0
         per_channel = []
         for c in range(image.shape[0]):
             fg = image[c][foreground]
@@ -211,7 +215,7 @@ def compute_fingerprint(index: DatasetIndex, *, samples_per_case: int = SAMPLES_
             "mean": float(values.mean()), "std": float(values.std()), "median": float(np.median(values)),
             "min": float(values.min()), "max": float(values.max()), "p00_5": float(p005), "p99_5": float(p995),
         })
-    observed = sorted(set().union(*counts))
+    observed = sorted(set().union(*counts) - {ignore_label})
     if index.label_values is not None:
         label_values, label_names = list(index.label_values), list(index.label_names or [])
         unknown = sorted(set(observed) - set(label_values))

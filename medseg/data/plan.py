@@ -58,6 +58,9 @@ class Plan:
         label_values: label value in the files for each output class index
             (``label_values[0] == 0`` is background).
         label_names: name per output class index.
+        ignore_label: label value of unlabeled voxels (``loss.ignore_label``), or
+            ``None``. It is no class: preprocessing maps it to the index
+            ``num_classes``, which the losses and the validation Dice skip.
         orientation: axis codes every case is re-oriented to before resampling.
         target_spacing: mm per canonical axis (``data_dims`` entries).
         normalization: one :class:`ChannelNorm` per image channel.
@@ -85,6 +88,7 @@ class Plan:
     channel_names: list[str]
     label_values: list[int]
     label_names: list[str]
+    ignore_label: int | None = None
     orientation: str = "RAS"
     target_spacing: list[float]
     normalization: list[ChannelNorm]
@@ -125,10 +129,27 @@ class Plan:
         unknown = sorted(set(data) - known)
         if unknown:
             raise ConfigError(f"plan has unknown fields {unknown}; it was made by another medseg version.")
+        problems = _field_problems(cls, data, skip={"normalization"})
+        norms = data.get("normalization")
+        if not isinstance(norms, list) or not all(isinstance(n, dict) for n in norms):
+            problems.append(f"normalization={norms!r} (expected a list of mappings)")
+            norms = []
+        for i, norm in enumerate(norms):
+            problems += [f"normalization[{i}].{p}" for p in _field_problems(ChannelNorm, norm, skip={"clip"})]
+            clip = norm.get("clip")
+            if clip is not None and (
+                not isinstance(clip, (list, tuple)) or len(clip) != 2
+                or not all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in clip)
+            ):
+                problems.append(f"normalization[{i}].clip={clip!r} (expected [low, high] or null)")
+        if problems:
+            raise ConfigError(
+                "plan has invalid fields: " + "; ".join(problems) + ". The plan.json (or model.json) was edited "
+                "or corrupted: re-train, or restore the file from the run folder."
+            )
         values = dict(data)
         values["normalization"] = [
-            ChannelNorm(**{**n, "clip": tuple(n["clip"]) if n.get("clip") is not None else None})
-            for n in data["normalization"]
+            ChannelNorm(**{**n, "clip": tuple(n["clip"]) if n.get("clip") is not None else None}) for n in norms
         ]
         return cls(**values)
 
@@ -138,20 +159,33 @@ class Plan:
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b.get(k)]
 
 
-def save_plan(plan: Plan, path: str | Path) -> None:
-    """Write ``plan.json`` atomically."""
-    import os
-    import tempfile
+def _field_problems(cls: type, data: dict[str, Any], *, skip: set[str]) -> list[str]:
+    """Type problems of plain ``data`` for dataclass ``cls`` (missing required fields included)."""
+    import typing
 
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(plan.to_dict(), fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from medseg.config import match_type, type_name
+
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name not in data:
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if required:
+                problems.append(f"{f.name} is missing")
+            continue
+        ok, _ = match_type(data[f.name], hints[f.name])
+        if not ok:
+            problems.append(f"{f.name}={data[f.name]!r} (expected {type_name(hints[f.name])})")
+    return problems
+
+
+def save_plan(plan: Plan, path: str | Path) -> None:
+    """Write ``plan.json`` atomically (replacing an existing file)."""
+    from medseg.io.atomic import write_json_atomic
+
+    write_json_atomic(plan.to_dict(), path, overwrite=True)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -449,8 +483,20 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
             normalization.append(ChannelNorm(scheme="zscore", use_nonzero_mask=bool(use_mask)))
         else:
             normalization.append(ChannelNorm(scheme="none"))
+    # --- classes (the ignore label is none; a fingerprint lists it when dataset.json declares it)
+    ignore_label = config.loss.ignore_label
+    if ignore_label == 0:
+        raise ConfigError(
+            "loss.ignore_label is 0, the background value; mark unlabeled voxels with a value that is no class "
+            "(e.g. 255) and set loss.ignore_label to it."
+        )
+    keep = [i for i, v in enumerate(fp.label_values) if v != ignore_label]
+    label_values = [int(fp.label_values[i]) for i in keep]
+    label_names = [str(fp.label_names[i]) for i in keep]
+    all_frequencies = fp.class_frequencies
+    frequencies = [all_frequencies[i] for i in keep]
     # --- patch, batch, topology
-    num_classes = len(fp.label_values)
+    num_classes = len(label_values)
     if slice_axis is not None:
         net_spacing = [target[a] for a in range(3) if a != slice_axis]
         net_median = [median[a] for a in range(3) if a != slice_axis]
@@ -473,14 +519,13 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
         kernels, strides = _topology_for_pinned(patch, net_spacing)
     if data.batch_size is not None:
         batch = int(data.batch_size)
-    # --- classes
-    frequencies = fp.class_frequencies
+    # --- class weights and sampling
     if isinstance(config.loss.class_weights, list):
         weights = [float(w) for w in config.loss.class_weights]
         if len(weights) != num_classes:
             raise ConfigError(
                 f"loss.class_weights has {len(weights)} entries but the dataset has {num_classes} classes "
-                f"({', '.join(fp.label_names)})."
+                f"({', '.join(label_names)})."
             )
     else:
         weights = class_weight_rule(frequencies)
@@ -491,8 +536,9 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
         image_channels=image_channels,
         in_channels=in_channels,
         channel_names=list(fp.channel_names),
-        label_values=[int(v) for v in fp.label_values],
-        label_names=list(fp.label_names),
+        label_values=label_values,
+        label_names=label_names,
+        ignore_label=None if ignore_label is None else int(ignore_label),
         target_spacing=[float(t) for t in target],
         normalization=normalization,
         crop_to_nonzero=bool(data.crop_to_nonzero),

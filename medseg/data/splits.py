@@ -12,8 +12,6 @@ warning; with a single case: one split that trains and validates on it
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +21,7 @@ import numpy as np
 
 from medseg.data.folders import Case, DatasetIndex
 from medseg.errors import DatasetError
+from medseg.io.atomic import write_json_atomic
 
 __all__ = ["load_splits", "make_splits", "save_splits", "select_split"]
 
@@ -104,14 +103,7 @@ def save_splits(splits: list[Split], path: str | Path) -> None:
     """Write ``splits.json`` atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(splits, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(splits, path, overwrite=True)
 
 
 def load_splits(path: str | Path, *, case_ids: Sequence[str] | None = None) -> list[Split]:

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -30,6 +28,7 @@ from typing import Literal
 import numpy as np
 
 from medseg.errors import CheckpointError, ConfigError, OutputExistsError
+from medseg.io.atomic import atomic_dir
 
 __all__ = ["EXPORT_FILES", "export_model", "run_exported"]
 
@@ -107,9 +106,7 @@ def export_model(
     loaded = load_model_folder(dirs[0], device="cpu")
     model, plan = loaded.model.eval(), loaded.plan
     example = _example_input(plan)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
-    try:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         target = tmp / EXPORT_FILES[format]
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
@@ -155,11 +152,4 @@ def export_model(
             "normalise, resample to plan.target_spacing; sliding windows of plan.patch_size with Gaussian blending",
         }
         (tmp / "export.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.chmod(tmp, 0o755)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -14,6 +14,7 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -67,8 +68,28 @@ def keep_largest_component(mask: np.ndarray, labels: list[int] | None = None) ->
     """Keep only the largest connected component of each label (others become 0).
 
     Args:
-        mask: integer label array (any spatial dims); modified copy is returned.
+        mask: integer label array (any spatial dims); a modified copy is returned.
         labels: labels to process; ``None``: every label present.
+    """
+
+    def all_but_largest(sizes: np.ndarray) -> np.ndarray:
+        return np.arange(len(sizes)) != int(np.argmax(sizes[1:])) + 1
+
+    return _drop_components(mask, labels, all_but_largest)
+
+
+def remove_small_components(mask: np.ndarray, min_size: int, labels: list[int] | None = None) -> np.ndarray:
+    """Set connected components smaller than ``min_size`` voxels to background, per label."""
+    return _drop_components(mask, labels, lambda sizes: sizes < min_size)
+
+
+def _drop_components(
+    mask: np.ndarray, labels: list[int] | None, select: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """A copy of ``mask`` where, per label, the components ``select(sizes)`` marks are set to 0.
+
+    ``sizes[i]`` is the voxel count of component ``i`` of one label inside its
+    bounding box (``sizes[0]``: the voxels that are not that label, never dropped).
     """
     out = mask.copy()
     structure = ndimage.generate_binary_structure(mask.ndim, 1)
@@ -77,30 +98,11 @@ def keep_largest_component(mask: np.ndarray, labels: list[int] | None = None) ->
             continue
         region = out[box]
         binary = region == value
-        components, n = ndimage.label(binary, structure=structure)
-        if n <= 1:
-            continue
-        sizes = np.bincount(components.ravel())
-        sizes[0] = 0
-        region[binary & (components != int(np.argmax(sizes)))] = 0
-    return out
-
-
-def remove_small_components(mask: np.ndarray, min_size: int, labels: list[int] | None = None) -> np.ndarray:
-    """Set connected components smaller than ``min_size`` voxels to background, per label."""
-    out = mask.copy()
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    for value, box in _class_boxes(mask):
-        if labels is not None and value not in labels:
-            continue
-        region = out[box]
-        binary = region == value
-        components, _n = ndimage.label(binary, structure=structure)
-        sizes = np.bincount(components.ravel())
-        small = sizes < min_size
-        small[0] = False
-        if small.any():
-            region[binary & small[components]] = 0
+        components, _count = ndimage.label(binary, structure=structure)
+        drop = select(np.bincount(components.ravel()))
+        drop[0] = False
+        if drop.any():
+            region[binary & drop[components]] = 0
     return out
 
 

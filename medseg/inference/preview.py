@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.inference.provenance import write_bytes_atomic
+from medseg.io.atomic import write_bytes_atomic
 from medseg.io.geometry import Geometry
 
 __all__ = ["render_preview", "write_preview"]

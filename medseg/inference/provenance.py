@@ -6,23 +6,22 @@ the input's sha256 (a DICOM folder hashes its files in name order) and every
 setting that changed the result. It holds no patient data: no DICOM tags, and
 paths only as the user passed them.
 
-Side outputs (JSON, CSV, PNG) are written like masks: into a hidden temporary
-file in the target folder, then renamed into place; an existing file is kept
-unless ``overwrite=True``.
+Side outputs (JSON, CSV, PNG) are written like masks, with
+:mod:`medseg.io.atomic`: into a hidden temporary file in the target folder,
+then renamed into place; an existing file is kept unless ``overwrite=True``.
 """
 
 from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import os
 import platform
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import OutputExistsError, OutputWriteError
+from medseg.io.atomic import write_bytes_atomic, write_json_atomic  # re-exported for older imports
 
 __all__ = ["check_output_path", "hash_input", "make_provenance", "write_bytes_atomic", "write_json_atomic"]
 
@@ -99,49 +98,3 @@ def check_output_path(path: Path, *, overwrite: bool, inputs: tuple[Path, ...] =
     if not path.parent.is_dir():
         raise OutputWriteError(f"output folder {path.parent} does not exist; create it or pass another -o.")
     return path
-
-
-def write_bytes_atomic(data: bytes, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write ``data`` to ``path`` through a temporary file and a rename.
-
-    Raises:
-        OutputExistsError: the file exists and ``overwrite`` is False.
-        OutputWriteError: the folder is missing or not writable.
-    """
-    path = check_output_path(Path(path), overwrite=overwrite)
-    try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as err:
-        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}.") from err
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        if not overwrite and path.exists():
-            raise OutputExistsError(f"output {path} appeared while writing; pass --overwrite to replace it.")
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(err, OutputExistsError):
-            raise
-        raise OutputWriteError(f"cannot write {path}: {err.strerror or err}.") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Write JSON (indented, UTF-8) atomically; see :func:`write_bytes_atomic`."""
-    text = json.dumps(data, indent=2, sort_keys=False, default=_jsonable) + "\n"
-    return write_bytes_atomic(text.encode("utf-8"), path, overwrite=overwrite)
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"{type(value).__name__} is not JSON serialisable")

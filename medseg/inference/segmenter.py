@@ -269,7 +269,8 @@ class Segmenter:
         overlap: sliding-window overlap in [0, 1).
         batch_size: windows per forward pass.
         postprocess: ``none``, ``largest`` or ``min-size=N``.
-        skip_empty_windows: skip windows outside the body (see ``sliding_window``).
+        skip_empty_windows: lay the windows over the body's bounding box only and skip windows
+            without a body voxel (see ``sliding_window``).
     """
 
     def __init__(
@@ -502,7 +503,10 @@ class Segmenter:
         classes = postprocess(classes, self.postprocess)
         values = np.asarray(self.plan.label_values)
         lut = values.astype(np.uint8 if values.max() <= 255 else np.uint16)
-        mask = lut[classes]
+        if classes.dtype == lut.dtype and np.array_equal(values, np.arange(len(values))):
+            mask = classes  # label values are the class indices: no look-up pass over the scan
+        else:
+            mask = lut[classes]
         statistics = label_statistics(mask, prepared.volume.geometry, self.labels)
         timings["postprocess_s"] = time.perf_counter() - t1
         input_hash = prepared.input_hash

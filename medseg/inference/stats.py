@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 
 from medseg.errors import ConfigError
-from medseg.inference.provenance import write_bytes_atomic, write_json_atomic
+from medseg.io.atomic import write_bytes_atomic, write_json_atomic
 from medseg.io.geometry import Geometry
 
 __all__ = ["label_statistics", "voxel_volume_mm3", "write_statistics"]

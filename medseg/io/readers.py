@@ -456,14 +456,15 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
             f"{folder}: no DICOM image files found ({skipped} file(s) skipped as not DICOM images). "
             "Expected a folder holding the DICOM files of one series (subfolders are not searched)."
         )
-    listing = "\n".join(f"  - {_series_info(uid, items).summary()}" for uid, items in sorted(groups.items()))
+    # one line: the CLI prints an error's first line only, and the UIDs are what the user needs
+    listing = "; ".join(f"[{_series_info(uid, items).summary()}]" for uid, items in sorted(groups.items()))
     if series_uid is not None:
         if series_uid not in groups:
-            raise DicomSeriesError(f"{folder}: no series with uid {series_uid!r}. Series found:\n{listing}")
+            raise DicomSeriesError(f"{folder}: no series with uid {series_uid!r}. Series found: {listing}")
         uid = series_uid
     elif len(groups) > 1:
         raise DicomSeriesError(
-            f"{folder} holds {len(groups)} DICOM series; choose one with series_uid= (CLI: --series-uid UID):\n"
+            f"{folder} holds {len(groups)} DICOM series; choose one with series_uid= (CLI: --series-uid UID): "
             f"{listing}"
         )
     else:

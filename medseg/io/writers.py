@@ -13,20 +13,21 @@ Every write goes the same way (``docs/geometry.md`` has the details):
 3. Read the temporary file's header back with nibabel and check shape, data type,
    codes and the field-of-view corners (1e-4 mm, plus the float32 rounding of
    the header for far-away origins).
-4. ``fsync``, then rename into place. Any failure removes the temporary file.
+4. ``fsync``, then rename into place. Any failure removes the temporary file
+   (steps 2 and 4 are :func:`medseg.io.atomic.atomic_path`).
 """
 
 from __future__ import annotations
 
 import gzip
 import os
-import secrets
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from medseg.errors import ArrayValueError, GeometryError, OutputExistsError, OutputWriteError
+from medseg.io.atomic import atomic_path
 from medseg.io.geometry import Geometry, NiftiCodes
 from medseg.io.volume import Volume
 
@@ -174,8 +175,7 @@ def _write_nifti(
     else:
         raise TypeError(f"like must be a Volume or a Geometry, got {type(like).__name__}.")
     target = _check_target(Path(path), source, overwrite=overwrite)
-    temp = _create_temp(target)
-    try:
+    with atomic_path(target, overwrite=overwrite) as temp:  # proves the folder writable before any work
         data = convert(values, geometry, target)
         image, qcode, scode = _nifti_image(data, geometry)
         with open(temp, "wb") as raw:
@@ -186,15 +186,7 @@ def _write_nifti(
                     image.to_stream(gz)
             else:
                 image.to_stream(raw)
-            raw.flush()
-            os.fsync(raw.fileno())
         _check_written(temp, target, data, geometry, qcode, scode)
-        _commit(temp, target, overwrite=overwrite)
-    except BaseException as err:
-        temp.unlink(missing_ok=True)
-        if isinstance(err, OSError) and not isinstance(err, (OutputExistsError, OutputWriteError)):
-            raise OutputWriteError(f"writing {target} failed ({err}); nothing was written.") from err
-        raise
     return target
 
 
@@ -236,20 +228,6 @@ def _check_target(target: Path, source: Path | None, *, overwrite: bool) -> Path
             f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it, or choose another name."
         )
     return target
-
-
-def _create_temp(target: Path) -> Path:
-    """Create the temporary file next to the target (this also proves the folder is writable)."""
-    temp = target.with_name(f".{target.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    except OSError as err:
-        raise OutputWriteError(
-            f"cannot write {target}: the folder {target.parent} does not accept new files "
-            f"({err.strerror or err}). Check its permissions, free space, or choose another folder."
-        ) from err
-    os.close(fd)
-    return temp
 
 
 def _nifti_image(data: np.ndarray, geometry: Geometry):
@@ -318,34 +296,3 @@ def _check_written(
             + "; ".join(problems)
             + ". Nothing was written; please report this as a medseg bug."
         )
-
-
-def _commit(temp: Path, target: Path, *, overwrite: bool) -> None:
-    """Rename the checked temporary file into place (no-clobber unless ``overwrite``)."""
-    if overwrite:
-        os.replace(temp, target)
-    else:
-        try:
-            os.link(temp, target)  # fails if the target appeared meanwhile
-        except FileExistsError as err:
-            raise OutputExistsError(
-                f"{target} already exists; pass overwrite=True (CLI: --overwrite) to replace it."
-            ) from err
-        except OSError:  # no hard links on this file system
-            if target.exists():
-                raise OutputExistsError(
-                    f"{target} already exists; pass overwrite=True to replace it."
-                ) from None
-            os.replace(temp, target)
-        else:
-            temp.unlink()
-    try:
-        fd = os.open(target.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

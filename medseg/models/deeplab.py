@@ -44,7 +44,7 @@ from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.models.base import ModelParts, crop_to, pad_to_multiple
-from medseg.models.registry import anisotropic_axis_from_spacing, register_model
+from medseg.models.registry import anisotropic_plan_options, register_model
 from medseg.models.resnet import DEFAULT_NORM, ConvNorm, NormSpec, ResNetEncoder
 
 __all__ = ["ASPP", "DeepLabV3", "DeepLabV3Plus", "default_atrous_rates"]
@@ -106,20 +106,14 @@ class ASPP(nn.Module):
         super().__init__()
         if len(atrous_rates) != 3 or any(int(r) < 1 for r in atrous_rates):
             raise ConfigError(f"atrous_rates must be three positive integers, got {list(atrous_rates)}.")
-        ones = (1,) * spatial_dims
-        self.branches = nn.ModuleList(
-            [ConvNorm(spatial_dims, in_channels, out_channels, kernel_size=ones, stride=ones, dilation=ones,
-                       norm=norm, act=True)]
-        )
+        self.branches = nn.ModuleList([ConvNorm(spatial_dims, in_channels, out_channels, kernel_size=1, norm=norm)])
         for rate in atrous_rates:
             dilation = tuple(1 if axis == anisotropic_axis else int(rate) for axis in range(spatial_dims))
             self.branches.append(
-                ConvNorm(spatial_dims, in_channels, out_channels, kernel_size=(3,) * spatial_dims, stride=ones,
-                          dilation=dilation, norm=norm, act=True)
+                ConvNorm(spatial_dims, in_channels, out_channels, kernel_size=3, dilation=dilation, norm=norm)
             )
         self.pooling = _ImagePooling(spatial_dims, in_channels, out_channels)
-        self.project = ConvNorm(spatial_dims, 5 * out_channels, out_channels, kernel_size=ones, stride=ones,
-                                 dilation=ones, norm=norm, act=True)
+        self.project = ConvNorm(spatial_dims, 5 * out_channels, out_channels, kernel_size=1, norm=norm)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,6 +152,7 @@ class _DeepLabBase(ModelParts, nn.Module):
         self.aspp = ASPP(spatial_dims, self.encoder.channels[-1], decoder_channels, atrous_rates=rates,
                          dropout=aspp_dropout, anisotropic_axis=anisotropic_axis, norm=norm)
         self.atrous_rates = rates
+        self.norm = norm
         self.multiple = self.encoder.reduction
 
 
@@ -181,9 +176,7 @@ class DeepLabV3(_DeepLabBase):
     def __init__(self, spatial_dims: int, in_channels: int, num_classes: int, **options: Any) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, **options)
         channels = self.aspp.project.conv.out_channels
-        ones = (1,) * spatial_dims
-        self.decoder = ConvNorm(spatial_dims, channels, channels, kernel_size=(3,) * spatial_dims, stride=ones,
-                                 dilation=ones, norm=options.get("norm", DEFAULT_NORM), act=True)
+        self.decoder = ConvNorm(spatial_dims, channels, channels, kernel_size=3, norm=self.norm)
         self.head = Conv[Conv.CONV, spatial_dims](channels, num_classes, kernel_size=1, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -205,17 +198,13 @@ class DeepLabV3Plus(_DeepLabBase):
         self, spatial_dims: int, in_channels: int, num_classes: int, *, low_level_channels: int = 48, **options: Any
     ) -> None:
         super().__init__(spatial_dims, in_channels, num_classes, **options)
-        norm = options.get("norm", DEFAULT_NORM)
         channels = self.aspp.project.conv.out_channels
-        ones = (1,) * spatial_dims
-        kernel = (3,) * spatial_dims
-        self.low_level = ConvNorm(spatial_dims, self.encoder.channels[1], low_level_channels, kernel_size=ones,
-                                   stride=ones, dilation=ones, norm=norm, act=True)
+        self.low_level = ConvNorm(
+            spatial_dims, self.encoder.channels[1], low_level_channels, kernel_size=1, norm=self.norm
+        )
         self.decoder = nn.Sequential(
-            ConvNorm(spatial_dims, channels + low_level_channels, channels, kernel_size=kernel, stride=ones,
-                      dilation=ones, norm=norm, act=True),
-            ConvNorm(spatial_dims, channels, channels, kernel_size=kernel, stride=ones, dilation=ones, norm=norm,
-                      act=True),
+            ConvNorm(spatial_dims, channels + low_level_channels, channels, kernel_size=3, norm=self.norm),
+            ConvNorm(spatial_dims, channels, channels, kernel_size=3, norm=self.norm),
         )
         self.head = Conv[Conv.CONV, spatial_dims](channels, num_classes, kernel_size=1, bias=True)
 
@@ -229,11 +218,7 @@ class DeepLabV3Plus(_DeepLabBase):
         return crop_to(upsample_to(logits, x.shape[2:]), spatial)
 
 
-def _deeplab_plan_options(plan: Any, spacing: list[float]) -> dict[str, Any]:
-    return {"anisotropic_axis": anisotropic_axis_from_spacing(spacing)}
-
-
-@register_model("deeplabv3", plan_options=_deeplab_plan_options)
+@register_model("deeplabv3", plan_options=anisotropic_plan_options)
 def deeplabv3(
     *,
     spatial_dims: int,
@@ -256,7 +241,7 @@ def deeplabv3(
     )
 
 
-@register_model("deeplabv3plus", plan_options=_deeplab_plan_options)
+@register_model("deeplabv3plus", plan_options=anisotropic_plan_options)
 def deeplabv3plus(
     *,
     spatial_dims: int,

@@ -17,7 +17,7 @@ Any input size works (padded to a multiple of 32 per axis, cropped back).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from monai.networks.layers.factories import Conv
@@ -25,7 +25,7 @@ from torch import nn
 
 from medseg.errors import ConfigError
 from medseg.models.base import ModelParts, crop_to, pad_to_multiple
-from medseg.models.registry import anisotropic_axis_from_spacing, register_model
+from medseg.models.registry import anisotropic_plan_options, register_model
 from medseg.models.resnet import DEFAULT_NORM, NormSpec, ResNetEncoder
 
 __all__ = ["FCN", "LearnedUpsample"]
@@ -62,6 +62,7 @@ class LearnedUpsample(nn.Module):
         return self.up(x)
 
 
+@register_model("fcn", plan_options=anisotropic_plan_options)
 class FCN(ModelParts, nn.Module):
     """FCN-32s/16s/8s on a ResNet encoder (Long et al. 2015).
 
@@ -127,24 +128,3 @@ class FCN(ModelParts, nn.Module):
         for i, stage in enumerate(self._scored[1:]):
             score = self.head[f"up{i}"](score) + self.head[f"score{stage}"](features[stage])
         return crop_to(self.head["final"](score), spatial)
-
-
-def _fcn_plan_options(plan: Any, spacing: list[float]) -> dict[str, Any]:
-    return {"anisotropic_axis": anisotropic_axis_from_spacing(spacing)}
-
-
-@register_model("fcn", plan_options=_fcn_plan_options)
-def fcn(
-    *,
-    spatial_dims: int,
-    in_channels: int,
-    num_classes: int,
-    variant: Literal["8s", "16s", "32s"] = "8s",
-    encoder_depth: Literal[10, 18, 34] = 18,
-    encoder_width: int = 64,
-    anisotropic_axis: int | None = None,
-    norm: NormSpec = DEFAULT_NORM,
-) -> FCN:
-    """FCN-8s (Long et al. 2015) on a ResNet-18; see :class:`FCN`."""
-    return FCN(spatial_dims, in_channels, num_classes, variant=variant, encoder_depth=encoder_depth,
-               encoder_width=encoder_width, anisotropic_axis=anisotropic_axis, norm=norm)

@@ -1,7 +1,9 @@
 """The model registry: names -> builders, and building a model from a plan.
 
-A builder is a function ``builder(*, spatial_dims, in_channels, num_classes,
-**options) -> nn.Module``; :func:`register_model` adds it under a name. An
+A builder is a function (or an ``nn.Module`` class) called as
+``builder(spatial_dims=..., in_channels=..., num_classes=..., **options)``;
+:func:`register_model` adds it under a name. Its signature lists the options
+the model accepts (unknown ones are refused with the closest valid name). An
 optional ``plan_options(plan, spacing)`` hook derives the options a model
 understands from a plan (U-Net topology, the thick-slice axis, a fixed image
 size) for :func:`create_model_from_plan`.
@@ -23,6 +25,7 @@ from medseg.errors import ConfigError
 __all__ = [
     "PlanLike",
     "anisotropic_axis_from_spacing",
+    "anisotropic_plan_options",
     "check_options",
     "create_model",
     "create_model_from_plan",
@@ -217,6 +220,11 @@ def anisotropic_axis_from_spacing(spacing: Sequence[float]) -> int | None:
     if finest > 0 and spacing[coarse] >= ANISOTROPY_THRESHOLD * finest:
         return coarse
     return None
+
+
+def anisotropic_plan_options(plan: PlanLike, spacing: Sequence[float]) -> dict[str, Any]:
+    """``plan_options`` hook of models that only need the thick-slice axis (DeepLab, FCN)."""
+    return {"anisotropic_axis": anisotropic_axis_from_spacing(spacing)}
 
 
 def create_model_from_plan(name: str, plan: PlanLike, **options: Any) -> nn.Module:

@@ -58,18 +58,26 @@ def stage_layout(output_stride: int) -> tuple[list[int], list[int]]:
 
 
 class ConvNorm(nn.Sequential):
+    """Convolution (no bias, "same" padding), normalisation and optionally ReLU.
+
+    ``kernel_size``, ``stride`` and ``dilation`` are one int for every axis or one per axis.
+    """
+
     def __init__(
         self,
         spatial_dims: int,
         in_channels: int,
         out_channels: int,
         *,
-        kernel_size: Sequence[int],
-        stride: Sequence[int],
-        dilation: Sequence[int],
+        kernel_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        dilation: int | Sequence[int] = 1,
         norm: NormSpec,
-        act: bool,
+        act: bool = True,
     ) -> None:
+        kernel_size, stride, dilation = (
+            (v,) * spatial_dims if isinstance(v, int) else tuple(v) for v in (kernel_size, stride, dilation)
+        )
         padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))
         conv = Conv[Conv.CONV, spatial_dims](
             in_channels, out_channels, kernel_size=tuple(kernel_size), stride=tuple(stride),

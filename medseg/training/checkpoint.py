@@ -23,14 +23,13 @@ weights-only unpickler refuses ``numpy`` arrays (reliability.md §3, §4.1).
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.errors import CheckpointError
+from medseg.io.atomic import atomic_path
 
 if TYPE_CHECKING:
     import torch
@@ -62,17 +61,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": CHECKPOINT_FORMAT_VERSION, "kind": _KIND, **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_path(path, overwrite=True) as temp:
+        torch.save(payload, temp)
     return path
 
 
@@ -106,19 +96,6 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"{CHECKPOINT_FORMAT_VERSION}. Resume with the medseg version that wrote it."
         )
     return data
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # --------------------------------------------------------------------------- identity

@@ -183,6 +183,8 @@ def configure_threads(num_threads: int | None, info: DistInfo) -> int:
     import torch
 
     if num_threads is None:
-        num_threads = max(1, (os.cpu_count() or 1) // max(1, info.local_world_size))
+        # the cores this process may use (SLURM, taskset and containers restrict them), shared among local ranks
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        num_threads = max(1, cores // max(1, info.local_world_size))
     torch.set_num_threads(num_threads)
     return num_threads

@@ -37,10 +37,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +46,7 @@ from typing import TYPE_CHECKING, Any
 from medseg.config import InferConfig, config_from_dict
 from medseg.data.plan import Plan
 from medseg.errors import CheckpointError, ConfigError
+from medseg.io.atomic import atomic_dir
 
 if TYPE_CHECKING:
     import torch
@@ -138,14 +136,11 @@ def save_model_folder(
     from medseg import __version__
 
     model_dir = Path(model_dir)
-    model_dir.parent.mkdir(parents=True, exist_ok=True)
     module = getattr(model, "module", model)  # DistributedDataParallel
     state = {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()}
-    tmp = Path(tempfile.mkdtemp(dir=model_dir.parent, prefix=f".{model_dir.name}.tmp-"))
-    try:
+    with atomic_dir(model_dir, overwrite=True) as tmp:
         weights = tmp / WEIGHTS_FILE
         save_file(state, str(weights), metadata={"format": "pt", "medseg_version": __version__})
-        _fsync(weights)
         meta = {
             "format_version": MODEL_FORMAT_VERSION,
             "medseg_version": __version__,
@@ -164,44 +159,7 @@ def save_model_folder(
                 f"cannot write {model_dir / MODEL_JSON}: model options or training info are not JSON-able ({err})."
             ) from err
         (tmp / MODEL_JSON).write_text(text + "\n", encoding="utf-8")
-        _fsync(tmp / MODEL_JSON)
-        os.chmod(tmp, 0o755)
-        _swap_into_place(tmp, model_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return model_dir
-
-
-def _swap_into_place(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing ``target`` is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old-"))
-        os.rmdir(old)
-        os.replace(target, old)
-    os.replace(tmp, target)
-    _fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -244,6 +202,13 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in ("model", "plan", "infer", "fold", "weights", "weights_sha256") if k not in meta]
     if missing:
         raise CheckpointError(f"model file {path} is incomplete: missing {', '.join(missing)}.")
+    model = meta["model"]
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str)
+            and isinstance(model.get("options", {}) or {}, dict)):
+        raise CheckpointError(
+            f"model file {path} is corrupt: 'model' must be {{\"name\": str, \"options\": {{...}}}}, got {model!r}; "
+            "re-train or copy the model folder again."
+        )
     weights = meta["weights"]
     if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
         raise CheckpointError(f"model file {path}: 'weights' must be a file name inside the folder, got {weights!r}.")

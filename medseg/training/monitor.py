@@ -9,10 +9,11 @@ import csv
 import io
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from medseg.io.atomic import write_text_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -71,9 +72,7 @@ class Monitor:
         w = csv.DictWriter(buf, fieldnames=self.columns, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
-        tmp = self.csv_path.with_name(f".{self.csv_path.name}.tmp")
-        tmp.write_text(buf.getvalue(), encoding="utf-8")
-        os.replace(tmp, self.csv_path)
+        write_text_atomic(buf.getvalue(), self.csv_path, overwrite=True)
 
     def epoch_end(
         self,

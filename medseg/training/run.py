@@ -26,17 +26,16 @@ Run folder (documented in docs/training.md)::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.config import Config, apply_override, config_from_dict, load_config, save_config
-from medseg.errors import ConfigError, DatasetError
+from medseg.errors import ConfigError, DatasetError, OutputWriteError
+from medseg.io.atomic import write_json_atomic
 from medseg.training.trainer import CHECKPOINT_LAST
 
 if TYPE_CHECKING:
@@ -251,7 +250,9 @@ def train(
                 from medseg.data.check import check_dataset
 
                 log.info("checking %s (%d cases) ...", dataset_dir, len(index.cases))
-                check_dataset(index, num_folds=cfg.data.num_folds).raise_if_problems()
+                check_dataset(
+                    index, num_folds=cfg.data.num_folds, ignore_label=cfg.loss.ignore_label
+                ).raise_if_problems()
             plan, fingerprint = _plan(index, cfg, run_dir, resume=resume, device_type=device.type)
             if run_dir is None:
                 run_dir = default_run_dir(dataset_dir, cfg.model.name, plan.spatial_dims, runs_root)
@@ -346,7 +347,7 @@ def _make_plan(index: DatasetIndex, cfg: Config, device_type: str) -> tuple[Plan
     from medseg.data.plan import make_plan
 
     log.info("fingerprinting %d cases ...", len(index.cases))
-    fingerprint = compute_fingerprint(index)
+    fingerprint = compute_fingerprint(index, ignore_label=cfg.loss.ignore_label)
     plan = make_plan(fingerprint, cfg, device_type=device_type)
     log.info(
         "plan: %dD, spacing %s mm, patch %s, batch %d, %d classes (%s)",
@@ -375,7 +376,7 @@ def _write_run_files(
     from medseg.data.plan import save_plan
     from medseg.data.splits import save_splits
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    _make_dir(run_dir)
     save_config(cfg, run_dir / "config.yaml")
     save_plan(plan, run_dir / "plan.json")
     save_splits(splits, run_dir / "splits.json")
@@ -385,10 +386,17 @@ def _write_run_files(
         _write_json(run_dir / "fingerprint.json", fingerprint.to_dict())
 
 
+def _make_dir(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot create the run folder {path}: {err.strerror or err}; pass another -o/--output folder."
+        ) from err
+
+
 def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json_atomic(data, path, overwrite=True)
 
 
 # --------------------------------------------------------------------------- one fold

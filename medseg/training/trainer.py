@@ -129,10 +129,16 @@ def learning_rate_at(epoch: int, *, base: float, max_epochs: int, schedule: str)
 
 
 def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice of classes 1..K-1 for one case; NaN where the class is absent from both masks."""
+    """Dice of classes 1..K-1 for one case; NaN where the class is absent from both masks.
+
+    Voxels whose label index is ``K`` (the ignore label, see :class:`~medseg.data.plan.Plan`) are skipped.
+    """
     pred = pred.reshape(-1).astype(np.int64)
     label = label.reshape(-1).astype(np.int64)
     k = num_classes
+    labelled = label < k
+    if not labelled.all():
+        pred, label = pred[labelled], label[labelled]
     confusion = np.bincount(label * k + pred, minlength=k * k).reshape(k, k)  # rows: reference
     tp = np.diag(confusion).astype(np.float64)
     fp = confusion.sum(axis=0) - tp
