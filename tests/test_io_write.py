@@ -299,3 +299,35 @@ def test_uncoded_geometry_is_written_with_scanner_codes(tmp_path):
     geometry = Geometry(SHAPE, make_affine("PIR"), nifti_codes=NiftiCodes(0, 0))
     header = nib.load(write_mask(mask_for(geometry), geometry, tmp_path / "m.nii.gz")).header
     assert (int(header["qform_code"]), int(header["sform_code"])) == (1, 1)
+
+
+def _rotation_near_180(angle_deg: float) -> np.ndarray:
+    """A rotation by angle_deg about an oblique axis: near 180 degrees the qform quaternion's a ~ 0."""
+    axis = np.array([0.1, -0.99, -0.07])
+    axis /= np.linalg.norm(axis)
+    t = np.radians(angle_deg)
+    k = np.array([[0, -axis[2], axis[1]], [axis[2], 0, -axis[0]], [-axis[1], axis[0], 0]])
+    return np.eye(3) + np.sin(t) * k + (1 - np.cos(t)) * (k @ k)
+
+
+def test_near_180_degree_oblique_grid_is_written_exactly(tmp_path):
+    # regression: the float32 quaternion of such a qform is ~1e-3 mm off; the check must allow
+    # for that representation limit (the sform stays exact) instead of refusing the mask
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation_near_180(179.1) * np.array([0.9, 1.1, 2.7])
+    affine[:3, 3] = [-30.0, 12.0, 85.0]
+    geometry = Geometry((56, 56, 36), affine)
+    out = write_mask(np.ones(geometry.shape, dtype=np.uint8), geometry, tmp_path / "m.nii.gz")
+    written = nib.load(out)
+    assert Geometry(geometry.shape, written.header.get_sform()).max_corner_distance(geometry) < 1e-3
+    assert int(written.header["qform_code"]) == 1
+
+
+def test_qform_that_cannot_hold_the_grid_is_written_with_code_0_and_a_warning(tmp_path):
+    affine = np.eye(4)
+    affine[:3, :3] = _rotation_near_180(179.99) * np.array([0.9, 1.1, 2.7])
+    geometry = Geometry((600, 600, 400), affine)  # a large field of view magnifies the quaternion error
+    with pytest.warns(UserWarning, match="mask is written with qform_code 0 so that viewers use its exact sform"):
+        out = write_mask(np.zeros(geometry.shape, dtype=np.uint8), geometry, tmp_path / "big.nii.gz")
+    header = nib.load(out).header
+    assert (int(header["qform_code"]), int(header["sform_code"])) == (0, 1)

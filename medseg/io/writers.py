@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -36,6 +37,7 @@ __all__ = ["write_mask", "write_volume"]
 CORNER_TOL_MM = 1e-4  # written header vs intended grid, before float32 rounding is added
 SHEAR_TOL = 1e-4  # beyond this a qform cannot hold the affine: written with qform_code 0
 FLOAT32_EPS = 2.0**-23
+QFORM_LIMIT_MM = 1e-2  # largest corner error accepted from the float32 quaternion of a qform
 
 
 def write_mask(mask, like: Volume | Geometry, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -239,6 +241,15 @@ def _nifti_image(data: np.ndarray, geometry: Geometry):
         codes = NiftiCodes(qform_code=1, sform_code=1)  # scanner anatomical: a placed grid needs a code
     scode = codes.sform_code
     qcode = 0 if geometry.shear > SHEAR_TOL else codes.qform_code  # a qform cannot hold shear
+    if qcode > 0 and scode > 0:
+        error = geometry.max_corner_distance(_quantised_qform(geometry))
+        if error > QFORM_LIMIT_MM:
+            warnings.warn(
+                f"the NIfTI qform (a float32 quaternion) would be off by {error:.3g} mm for this oblique grid; "
+                "the mask is written with qform_code 0 so that viewers use its exact sform.",
+                stacklevel=4,
+            )
+            qcode = 0
     header = nib.Nifti1Header()
     header.set_data_dtype(data.dtype)
     image = nib.Nifti1Image(data, None, header=header)
@@ -260,6 +271,15 @@ def _corner_tolerance(geometry: Geometry) -> float:
     return CORNER_TOL_MM + 8 * FLOAT32_EPS * float(largest)
 
 
+def _quantised_qform(geometry: Geometry) -> Geometry:
+    """The grid as a NIfTI qform stores it (float32 quaternion, offsets and pixdim)."""
+    import nibabel as nib
+
+    header = nib.Nifti1Header()
+    header.set_qform(geometry.affine, code=1)
+    return Geometry(shape=geometry.shape, affine=header.get_qform())
+
+
 def _check_written(
     temp: Path, target: Path, data: np.ndarray, geometry: Geometry, qcode: int, scode: int
 ) -> None:
@@ -278,12 +298,23 @@ def _check_written(
     if written_codes != (qcode, scode):
         problems.append(f"qform/sform codes {written_codes} instead of {(qcode, scode)}")
     tolerance = _corner_tolerance(geometry)
-    transforms = [("sform", header.get_sform())]
+    checks = [("sform", header.get_sform(), geometry)]
     if qcode > 0 or scode == 0:
-        transforms.append(("qform", header.get_qform()))
-    for name, affine in transforms:
+        # The qform is a float32 quaternion: for rotations near 180 degrees its first component is
+        # tiny and the stored rotation is off by up to ~1e-3 mm at the corners (a limit of the NIfTI
+        # format, which the sform does not have). Check the written qform against nibabel's own
+        # quantisation of the grid, and that quantisation against the grid with QFORM_LIMIT_MM.
+        expected = _quantised_qform(geometry)
+        representable = geometry.max_corner_distance(expected)
+        if representable > max(QFORM_LIMIT_MM, tolerance):
+            problems.append(
+                f"the qform (a float32 quaternion) cannot hold this grid within {QFORM_LIMIT_MM} mm "
+                f"({representable:.3g} mm)"
+            )
+        checks.append(("qform", header.get_qform(), expected))
+    for name, affine, reference in checks:
         try:
-            distance = geometry.max_corner_distance(Geometry(shape=geometry.shape, affine=affine))
+            distance = reference.max_corner_distance(Geometry(shape=geometry.shape, affine=affine))
         except GeometryError as err:
             distance, name = float("inf"), f"{name} ({err})"
         if distance > tolerance:
