@@ -91,7 +91,7 @@ def test_duplicate_case_ids_and_too_few_cases_for_folds(tmp_path):
     assert not report.ok  # the duplicate id is a problem
     warnings = [w.message for w in report.warnings]
     assert any("2 case(s) but 5 cross-validation folds: splits fall back to leave-one-out" in w for w in warnings)
-    assert any("--folds 2" in w for w in warnings)
+    assert any("set data.num_folds=2" in w for w in warnings)
 
 
 def test_classes_never_present_are_a_warning(tmp_path):

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", type=Path, metavar="DATASET_DIR", help="dataset folder (or a CSV/JSON list file)")
     parser.add_argument(
         "--folds", type=int, default=5, metavar="N",
-        help="cross-validation folds that will be used: fewer cases is a problem (default: 5; 1 skips the check)",
+        help="cross-validation folds that will be used (data.num_folds): fewer cases is a warning, splits then "
+             "fall back to leave-one-out (default: 5; 1 skips the check)",
     )
     parser.add_argument(
         "--ignore-label", type=int, default=None, metavar="VALUE",

@@ -8,7 +8,7 @@ metric) into OUT_DIR and prints a short table. Definitions: docs/metrics.md.
 Examples:
   medseg evaluate preds/ data/Task09_Spleen/labelsTs --labels data/Task09_Spleen/dataset.json
   medseg evaluate preds/ labels/ --metrics dice,hd95,nsd --tolerance 2 -o eval/
-  medseg evaluate preds/ labels/ --lesion --region WT=1,2,3 --region TC=1,3 --region ET=3
+  medseg evaluate preds/ labels/ --lesion --region WT=1,2,3 --region TC=2,3 --region ET=3   (MSD Task01 labels)
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5, ignore_labe
     Args:
         index: from :func:`medseg.data.scan_dataset`.
         num_folds: cross-validation folds that will be used; fewer (distinct)
-            cases is a problem. ``None`` skips this check.
+            cases is a warning (splits fall back to leave-one-out). ``None`` skips this check.
         ignore_label: label value of unlabeled voxels (``loss.ignore_label``): allowed
             in label files although dataset.json does not declare it.
 
@@ -164,7 +164,7 @@ def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5, ignore_labe
         report.warnings.append(
             Finding(
                 f"{distinct} case(s) but {num_folds} cross-validation folds: splits fall back to {fallback}; "
-                f"add cases, or pass --folds {max(distinct, 1)} (data.num_folds), or train with fold 'all'"
+                f"add cases, or set data.num_folds={max(distinct, 1)} (medseg check --folds / medseg train --set), or train with fold 'all'"
             )
         )
     return report
