@@ -184,7 +184,8 @@ class InferConfig:
     )
     batch_size: int = _doc("Windows per forward pass.", 2)
     postprocess: str = _doc("none, largest (largest component per class) or min-size=N (voxels).", "none")
-    skip_empty_windows: bool = _doc("Skip windows lying entirely outside the body / non-zero region.", True)
+    skip_empty_windows: bool = _doc("Place windows only over the body's bounding box (CT: above -500 HU; MR: non-zero) and skip windows "
+        "outside the body; false runs every window over the whole scan.", True)
 
 
 @dataclass(frozen=True, kw_only=True)

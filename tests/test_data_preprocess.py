@@ -155,3 +155,11 @@ def test_preprocessing_resamples_images_linearly():
     out = resample_array(step, (13, 4, 4), order=IMAGE_ORDER)
     assert out.min() >= 0.0 and out.max() <= 100.0
     assert 0.0 < out[0, 6, 0, 0] < 100.0
+
+
+def test_ignore_label_maps_to_the_index_after_the_last_class():
+    label = np.array([[0, 1], [2, 255]], dtype=np.uint8)
+    indices = class_indices(label, [0, 1, 2], ignore_label=255)
+    assert indices.tolist() == [[0, 1], [2, 3]]
+    with pytest.raises(DatasetError, match=r"contains values \[255\] not in the plan's labels \[0, 1, 2\]"):
+        class_indices(label, [0, 1, 2])

@@ -183,3 +183,11 @@ def test_truncated_gzip_is_not_silently_read(tmp_path):
     data = good.read_bytes()
     with pytest.raises(EOFError, match="end-of-stream"):
         gzip.decompress(data[: len(data) // 2])
+
+
+def test_output_folder_under_a_file_is_one_clear_line_before_any_work(tmp_path, model, capsys):
+    scan = _scan(tmp_path / "good.nii.gz")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    assert main(["infer", str(scan), "-m", str(model), "-o", str(blocker / "out")]) == 2
+    assert "a_file is a file, not a folder" in _one_error_line(capsys)

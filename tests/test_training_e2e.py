@@ -229,3 +229,22 @@ def test_unwritable_run_folder_is_one_clear_line(ct_dataset, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert "cannot create the run folder" in err[0]
+
+
+def test_training_with_an_ignore_label_leaves_unlabeled_voxels_out(tmp_path):
+    import nibabel as nib
+
+    root = write_synthetic_dataset(tmp_path / "Partial", num_cases=3, kind="ct", seed=5, shape=(24, 24, 16))
+    for path in sorted((root / "labelsTr").glob("*.nii.gz")):
+        image = nib.load(path)
+        data = np.asarray(image.dataobj).copy()
+        data[:4] = 255  # a slab nobody annotated
+        nib.save(nib.Nifti1Image(data, image.affine, image.header), path)
+    run = medseg.train(
+        root, None, output_dir=tmp_path / "run", fold="all",
+        overrides=[*FAST, "loss.ignore_label=255", "train.max_epochs=1", "train.iterations_per_epoch=2",
+                   "data.num_folds=1"],
+    )
+    assert run.status == "completed"
+    assert run.plan.ignore_label == 255
+    assert run.plan.label_values == [0, 1, 2]

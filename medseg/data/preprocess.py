@@ -549,8 +549,13 @@ def separate_axis_for(spacing: Sequence[float], target_spacing: Sequence[float])
 # --------------------------------------------------------------------------- labels
 
 
-def class_indices(label: np.ndarray, label_values: Sequence[int], *, where: str = "label") -> np.ndarray:
+def class_indices(
+    label: np.ndarray, label_values: Sequence[int], *, ignore_label: int | None = None, where: str = "label"
+) -> np.ndarray:
     """Map label values to class indices ``0..K-1`` (uint8, or int16 for > 255 classes).
+
+    The value ``ignore_label`` (``Plan.ignore_label``: unlabeled voxels) maps to index
+    ``K = len(label_values)``, which the losses leave out.
 
     Raises:
         DatasetError: non-integer values, or values not in ``label_values``.
@@ -565,18 +570,21 @@ def class_indices(label: np.ndarray, label_values: Sequence[int], *, where: str 
             raise DatasetError(f"{where} contains non-integer values {bad.tolist()}; expected integers {values.tolist()}.")
         label = rounded.astype(np.int64)
     present = np.unique(label)
-    unknown = np.setdiff1d(present, values)
+    allowed = values if ignore_label is None else np.append(values, ignore_label)
+    unknown = np.setdiff1d(present, allowed)
     if unknown.size:
         raise DatasetError(
             f"{where} contains values {unknown.tolist()} not in the plan's labels {values.tolist()}; "
             "fix the label map or declare the values in dataset.json."
         )
-    dtype = np.uint8 if len(values) <= 256 else np.int16
-    lut_size = int(max(values.max(), present.max())) + 1
+    dtype = np.uint8 if len(values) + (ignore_label is not None) <= 256 else np.int16  # index K must fit
+    lut_size = int(max(allowed.max(), present.max())) + 1
     if present.min() < 0:
         raise DatasetError(f"{where} contains negative values {present[present < 0].tolist()}.")
     lut = np.zeros(lut_size, dtype=dtype)
     lut[values] = np.arange(len(values), dtype=dtype)
+    if ignore_label is not None:
+        lut[ignore_label] = len(values)
     return lut[label.astype(np.int64, copy=False)]
 
 
@@ -624,7 +632,7 @@ def preprocess_case(volume: Volume, plan: Plan, *, label: np.ndarray | None = No
             label = label[np.newaxis]
         if tuple(label.shape[1:]) != tuple(geometry.shape) or label.shape[0] != 1:
             raise GeometryError(f"label shape {label.shape} does not match the scan {name} (1, *{geometry.shape}).")
-        label = class_indices(label, plan.label_values, where=f"label of {name}")
+        label = class_indices(label, plan.label_values, ignore_label=plan.ignore_label, where=f"label of {name}")
     # 1. re-orient (permute/flip only)
     if volume.spatial_dims == 3:
         ornt = orientation_transform(geometry.affine, plan.orientation)

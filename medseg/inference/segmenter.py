@@ -44,7 +44,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from medseg.errors import CheckpointError, ConfigError, GeometryError, OutputExistsError, ScanReadError
+from medseg.errors import (
+    CheckpointError,
+    ConfigError,
+    GeometryError,
+    OutputExistsError,
+    OutputWriteError,
+    ScanReadError,
+)
 from medseg.inference.postprocess import PostprocessSpec, parse_postprocess, postprocess
 from medseg.inference.provenance import check_output_path, hash_input, make_provenance, write_json_atomic
 from medseg.io.geometry import Geometry
@@ -659,6 +666,8 @@ class Segmenter:
         )
         if not cases:
             return []
+        for folder in sorted({paths["mask"].parent for paths in plans}):
+            _check_output_dir(folder)  # before any compute: an unusable -o fails at once
         with (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader,
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-write") as writer,
@@ -669,21 +678,46 @@ class Segmenter:
             def read(i: int) -> concurrent.futures.Future:
                 return reader.submit(self._prepare, cases[i][0], series_uid, hash_pool=hasher)
 
-            upcoming = read(0)
-            for i, (_path, name) in enumerate(cases):
-                prepared = upcoming.result()
+            # A scan is read in the reader thread only to overlap with the network on the previous
+            # one; otherwise (the first scan, prefetch=False) in this thread: nothing to overlap
+            # with, and a scan read in a worker thread leaves its transient read buffers in that
+            # thread's malloc arena (+0.3-0.5 GB peak RSS on a 512 x 512 x 1000 CT).
+            upcoming: concurrent.futures.Future | None = None
+            for i, (path, name) in enumerate(cases):
+                if upcoming is not None:
+                    prepared = upcoming.result()
+                else:
+                    prepared = self._prepare(path, series_uid, hash_pool=hasher)
                 upcoming = read(i + 1) if prefetch and i + 1 < len(cases) else None
                 log.info("segmenting %s (%d/%d)", name, i + 1, len(cases))
                 prediction = self._finish(prepared, probabilities=probabilities)
                 for done in writes:  # surface a failed write before going on
                     if done.done():
                         done.result()
-                plans[i]["mask"].parent.mkdir(parents=True, exist_ok=True)
+                _make_output_dir(plans[i]["mask"].parent)
                 writes.append(writer.submit(self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite))
                 del prepared, prediction
-                if upcoming is None and i + 1 < len(cases):
-                    upcoming = read(i + 1)
             return [f.result() for f in writes]
+
+
+def _check_output_dir(folder: Path) -> None:
+    """Refuse an output folder that cannot be created or written, without creating it."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputWriteError(f"cannot write into {folder}: {existing} is a file, not a folder; pass another -o/--output.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"cannot write into {folder}: {existing} is not writable; pass another -o/--output.")
+
+
+def _make_output_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot create the output folder {folder}: {err.strerror or err}; pass another -o/--output."
+        ) from err
 
 
 def plan_outputs(
