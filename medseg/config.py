@@ -33,7 +33,9 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "TrainConfig",
+    "check_record",
     "config_from_dict",
+    "field_problems",
     "load_config",
     "match_type",
     "save_config",
@@ -452,3 +454,35 @@ def _validate(cfg: Config, source: str) -> Config:
 def _is_min_size(text: str) -> bool:
     prefix = "min-size="
     return text.startswith(prefix) and text[len(prefix) :].isdigit() and int(text[len(prefix) :]) > 0
+
+
+def field_problems(cls: type, data: dict[str, Any], *, skip: set[str] = frozenset()) -> list[str]:
+    """Type problems of plain ``data`` for dataclass ``cls`` (missing required fields included)."""
+    hints = typing.get_type_hints(cls)
+    problems = []
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                problems.append(f"{f.name} is missing")
+            continue
+        ok, _ = match_type(data[f.name], hints[f.name])
+        if not ok:
+            problems.append(f"{f.name}={data[f.name]!r} (expected {type_name(hints[f.name])})")
+    return problems
+
+
+def check_record(cls: type, data: dict[str, Any], *, version: int, what: str, remedy: str) -> None:
+    """Refuse a saved record (plan.json, fingerprint.json) of another format version or with unknown fields.
+
+    Raises:
+        ConfigError: naming ``what``, the version found and expected, or the unknown fields, and ``remedy``.
+    """
+    found = data.get("format_version")
+    if found != version:
+        raise ConfigError(f"{what} format_version {found!r} is not supported by this medseg (expects {version}); {remedy}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"{what} has unknown fields {unknown}; it was made by another medseg version. {remedy}")

@@ -53,6 +53,11 @@ def test_fingerprint_numbers_on_a_hand_made_case(tmp_path):
     assert fp.modality == "CT" and not fp.modality_inferred
     assert fp.median_relative_size_after_crop == pytest.approx(144 / 480)
     assert Fingerprint.from_dict(json.loads(json.dumps(fp.to_dict()))) == fp
+    edited = {**json.loads(json.dumps(fp.to_dict())), "modality": 3}
+    with pytest.raises(ConfigError, match=r"fingerprint has invalid fields: modality=3 \(expected a string\)"):
+        Fingerprint.from_dict(edited)
+    with pytest.raises(ConfigError, match=r"fingerprint format_version 99 is not supported.*recompute it"):
+        Fingerprint.from_dict({**edited, "format_version": 99})
 
 
 def _fp(*, spacings, shapes, channels=("CT",), data_dims=3, class_voxels=None, cropped=None) -> Fingerprint:

@@ -113,16 +113,13 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fingerprint:
-        version = data.get("format_version")
-        if version != FINGERPRINT_FORMAT_VERSION:
-            raise ConfigError(
-                f"fingerprint format_version {version!r} is not supported (expects {FINGERPRINT_FORMAT_VERSION}); "
-                "recompute it with compute_fingerprint."
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"fingerprint has unknown fields {unknown}; it was made by another medseg version.")
+        from medseg.config import check_record, field_problems
+
+        check_record(cls, data, version=FINGERPRINT_FORMAT_VERSION, what="fingerprint",
+                     remedy="recompute it with compute_fingerprint.")
+        problems = field_problems(cls, data)
+        if problems:
+            raise ConfigError(f"fingerprint has invalid fields: {'; '.join(problems)}; recompute it with compute_fingerprint.")
         return cls(**data)
 
 

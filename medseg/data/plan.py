@@ -119,23 +119,17 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        version = data.get("format_version")
-        if version != PLAN_FORMAT_VERSION:
-            raise ConfigError(
-                f"plan format_version {version!r} is not supported by this medseg (expects {PLAN_FORMAT_VERSION}); "
-                "re-plan the dataset or use the medseg version that made it."
-            )
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"plan has unknown fields {unknown}; it was made by another medseg version.")
-        problems = _field_problems(cls, data, skip={"normalization"})
+        from medseg.config import check_record, field_problems
+
+        check_record(cls, data, version=PLAN_FORMAT_VERSION, what="plan",
+                     remedy="re-plan the dataset or use the medseg version that made it.")
+        problems = field_problems(cls, data, skip={"normalization"})
         norms = data.get("normalization")
         if not isinstance(norms, list) or not all(isinstance(n, dict) for n in norms):
             problems.append(f"normalization={norms!r} (expected a list of mappings)")
             norms = []
         for i, norm in enumerate(norms):
-            problems += [f"normalization[{i}].{p}" for p in _field_problems(ChannelNorm, norm, skip={"clip"})]
+            problems += [f"normalization[{i}].{p}" for p in field_problems(ChannelNorm, norm, skip={"clip"})]
             clip = norm.get("clip")
             if clip is not None and (
                 not isinstance(clip, (list, tuple)) or len(clip) != 2
@@ -157,28 +151,6 @@ class Plan:
         """Field-by-field differences, for refusing mismatched checkpoints."""
         a, b = self.to_dict(), other.to_dict()
         return [f"{k}: {a[k]!r} != {b[k]!r}" for k in a if a[k] != b.get(k)]
-
-
-def _field_problems(cls: type, data: dict[str, Any], *, skip: set[str]) -> list[str]:
-    """Type problems of plain ``data`` for dataclass ``cls`` (missing required fields included)."""
-    import typing
-
-    from medseg.config import match_type, type_name
-
-    hints = typing.get_type_hints(cls)
-    problems = []
-    for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
-        if f.name not in data:
-            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-            if required:
-                problems.append(f"{f.name} is missing")
-            continue
-        ok, _ = match_type(data[f.name], hints[f.name])
-        if not ok:
-            problems.append(f"{f.name}={data[f.name]!r} (expected {type_name(hints[f.name])})")
-    return problems
 
 
 def save_plan(plan: Plan, path: str | Path) -> None:
