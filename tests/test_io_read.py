@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import gzip
+import re
 import shutil
+import subprocess
+import sys
 import warnings
 
 import nibabel as nib
@@ -255,6 +258,64 @@ def test_decompression_bomb_is_refused_before_reading(tmp_path):
         ScanReadError,
         r"bomb\.nii\.gz: the header declares \(30000, 30000, 30000\) voxels of 4 bytes, "
         r"which needs about \d+\.\d GiB of memory",
+    )
+
+
+BOMB_PEAK_SCRIPT = """
+import sys, tracemalloc
+from medseg.errors import ScanReadError
+from medseg.io.readers import read_volume
+import nibabel  # imported before tracing: only the read itself is measured
+tracemalloc.start()
+try:
+    read_volume(sys.argv[1])
+    outcome = "read"
+except ScanReadError as err:
+    outcome = str(err)
+print(tracemalloc.get_traced_memory()[1])
+print(outcome)
+"""
+
+
+def test_decompression_bomb_with_a_small_header_is_refused_in_bounded_memory(tmp_path):
+    """A 4x4x4 header followed by 200 MB of gzip-compressed zeros: refused, never decompressed in full."""
+    header = nib.Nifti1Header()
+    header.set_data_dtype(np.int16)
+    header.set_data_shape((4, 4, 4))
+    header.set_sform(np.eye(4), code=1)
+    path = tmp_path / "bomb.nii.gz"
+    with gzip.open(path, "wb", compresslevel=1) as f:
+        f.write(header.binaryblock + b"\0" * 4 + b"\1" * 128)
+        zeros = b"\0" * (1 << 20)
+        for _ in range(200):
+            f.write(zeros)
+    assert path.stat().st_size < 1_000_000  # the bomb is small on disk
+    before = sha256(path)
+    done = subprocess.run(
+        [sys.executable, "-c", BOMB_PEAK_SCRIPT, str(path)], capture_output=True, text=True, check=True, timeout=600
+    )
+    peak, outcome = done.stdout.splitlines()[:2]
+    assert int(peak) < 16 * 2**20, f"peak traced memory {int(peak) / 2**20:.0f} MiB"
+    assert re.search(
+        r"bomb\.nii\.gz: the header declares 480 bytes \(header, extensions and voxels\) but the decompressed "
+        r"file holds more than 1049056 bytes: trailing data after the image",
+        outcome,
+    ), outcome
+    assert sha256(path) == before
+
+
+@pytest.mark.parametrize("name", ["glued.nii.gz", "glued.nii"])
+def test_legit_file_with_trailing_garbage_is_refused(tmp_path, name):
+    data = np.arange(6 * 5 * 4, dtype=np.int16).reshape(6, 5, 4)
+    raw = save_nifti(tmp_path / "plain.nii", data).read_bytes() + b"GARBAGE!" * 3
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(raw) if name.endswith(".gz") else raw)
+    content = "decompressed " if name.endswith(".gz") else ""
+    refused(
+        path,
+        ScanReadError,
+        rf"{re.escape(name)}: the header declares 592 bytes \(header, extensions and voxels\) but the {content}"
+        r"file holds 616 bytes: trailing data after the image",
     )
 
 

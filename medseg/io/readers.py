@@ -5,8 +5,9 @@ Rules (the full list, with every refusal, is in ``docs/geometry.md``):
 * **Format by content.** The first bytes decide: gzip, raw NIfTI-1/2, or DICOM
   (``DICM`` at byte 128). A DICOM file named ``.nii.gz`` is refused; a raw NIfTI
   named ``.nii.gz`` (or a gzipped one named ``.nii``) is read with a warning.
-  NIfTI is read with nibabel, fully decompressed, so a truncated or short file
-  raises instead of loading zeros (SimpleITK would load zeros).
+  NIfTI is read with nibabel, decompressed up to the size its header declares,
+  so a truncated or short file raises instead of loading zeros (SimpleITK would
+  load zeros), and trailing data (or a decompression bomb) is refused.
 * **qform/sform.** The sform when ``sform_code > 0``, else the qform when
   ``qform_code > 0``; both codes 0 is refused (no fallback to nibabel's
   "base affine"). A sheared sform is refused unless ``allow_shear=True`` (then it
@@ -60,6 +61,7 @@ DICOM_POSITION_TOL_MM = 1e-2  # IPP off the slice normal (tilt) and ITK geometry
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+TRAILING_PROBE_BYTES = 1 << 20  # NIfTI: bytes read past the declared end to report trailing data
 
 
 def read_volume(
@@ -172,9 +174,12 @@ def _available_memory() -> int:
         return 1 << 62  # unknown: do not block
 
 
-def _check_memory(path: Path, shape, itemsize: int) -> None:
-    """Refuse before reading when the decoded voxels (plus one working copy) do not fit in memory."""
-    needed = 2 * math.prod(int(s) for s in shape) * int(itemsize)
+def _check_memory(path: Path, shape, itemsize: int, *, extra_bytes: int = 0) -> None:
+    """Refuse before reading when the decoded voxels (plus one working copy) do not fit in memory.
+
+    ``extra_bytes``: bytes read besides the voxels (a NIfTI header's declared data offset).
+    """
+    needed = 2 * math.prod(int(s) for s in shape) * int(itemsize) + int(extra_bytes)
     available = _available_memory()
     if needed > available:
         raise ScanReadError(
@@ -255,10 +260,15 @@ def _read_nifti(path: Path, kind: str, suffix: str, *, allow_shear: bool) -> Vol
                     f"{path}: {len(shape)}D image of shape {shape} is not supported. Expected (X, Y), (X, Y, Z) "
                     "or (X, Y, Z, C) with C channels on the 4th axis."
                 )
-            _check_memory(path, shape, max(header.get_data_dtype().itemsize, 4))
-            # the whole stream, to its end: a truncated file or a bad gzip CRC raises here
+            itemsize = header.get_data_dtype().itemsize
+            data_start = max(int(header.get_data_offset()), size + 4)
+            declared = data_start + math.prod(shape) * itemsize
+            _check_memory(path, shape, max(itemsize, 4), extra_bytes=data_start)
+            # no more than the header declares: a decompression bomb stops here, not after 300 MB
             f.seek(0)
-            content = f.read()
+            content = f.read(declared)
+            if len(content) == declared:
+                _refuse_trailing_data(path, f, declared, compressed)
         img = image_class.from_bytes(content)
         raw = np.asanyarray(img.dataobj.get_unscaled())
         slope, inter = float(img.dataobj.slope), float(img.dataobj.inter)
@@ -283,6 +293,31 @@ def _read_nifti(path: Path, kind: str, suffix: str, *, allow_shear: bool) -> Vol
     geometry = _nifti_geometry(path, header, shape[:3], allow_shear=allow_shear)
     array = np.moveaxis(data, -1, 0) if data.ndim == 4 else data[np.newaxis]
     return Volume(array=array, geometry=geometry, path=path, meta={"format": "nifti"})
+
+
+def _refuse_trailing_data(path: Path, f, declared: int, compressed: bool) -> None:
+    """Refuse bytes after the declared end; reading to the end also checks the gzip CRC.
+
+    At most ``TRAILING_PROBE_BYTES`` more are decompressed, in small chunks, so that a
+    bomb (a tiny header followed by gigabytes of zeros) never reaches memory.
+    """
+    found = declared
+    while found - declared < TRAILING_PROBE_BYTES:
+        chunk = f.read(min(1 << 16, declared + TRAILING_PROBE_BYTES - found))
+        if not chunk:
+            break
+        found += len(chunk)
+    if found == declared:
+        return
+    if not compressed:
+        found = os.fstat(f.fileno()).st_size
+    amount = f"{found} bytes" if found - declared < TRAILING_PROBE_BYTES else f"more than {found} bytes"
+    content = "decompressed " if compressed else ""
+    raise ScanReadError(
+        f"{path}: the header declares {declared} bytes (header, extensions and voxels) but the {content}file holds "
+        f"{amount}: trailing data after the image (a corrupt file, two files glued together, or a decompression "
+        "bomb). medseg reads no more than the header declares; re-export the scan."
+    )
 
 
 def _nifti_geometry(path: Path, header, shape: tuple[int, ...], *, allow_shear: bool) -> Geometry:
