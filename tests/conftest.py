@@ -3,12 +3,39 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED_DATA_ENV = "MEDSEG_SHARED_DATA"
+"""Tests only: where the real scans are, instead of ../shared/data beside the repository."""
+
+SHARED_DATA = Path(os.environ.get(SHARED_DATA_ENV) or Path(__file__).resolve().parents[1].parent / "shared" / "data")
+
+
+def in_ci() -> bool:
+    """True when ``CI`` is set to anything but an empty string, 0, false or no (CI=true on GitHub, GitLab, ...)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def require_shared_data(*parts: str) -> Path:
+    """``SHARED_DATA / parts``; when it is missing: fail under CI (the scans ship with CI), else skip with the reason.
+
+    Every test that needs the real scans goes through here (the ``shared_data`` fixture or a direct call), so a
+    CI machine without them reports failures instead of a green run that tested nothing.
+    """
+    path = SHARED_DATA.joinpath(*parts)
+    if not path.exists():
+        reason = (
+            f"real scans not found at {path} (they ship with the project's CI, not with the package; "
+            f"set {SHARED_DATA_ENV} to their folder)"
+        )
+        if in_ci():
+            pytest.fail(f"{reason}; CI is set, so this is a failure, not a skip", pytrace=False)
+        pytest.skip(reason)
+    return path
 
 # Orientations every geometry round trip is parametrized over (design §8).
 ORIENTATIONS = ["RAS", "LPS", "PIR", "oblique", "left_handed"]
@@ -65,9 +92,8 @@ def sha256(path: Path) -> str:
 
 @pytest.fixture
 def shared_data() -> Path:
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real scans not found at {SHARED_DATA} (they ship with the project's CI, not with the package)")
-    return SHARED_DATA
+    """The real scans' folder (see :func:`require_shared_data`: fails under CI when missing, skips elsewhere)."""
+    return require_shared_data()
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import yaml
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, require_shared_data
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples"
@@ -47,8 +47,7 @@ def assert_on_grid(mask_path: Path, scan_path: Path) -> None:
 @pytest.fixture(scope="module")
 def real_ct_example(tmp_path_factory) -> tuple[Path, str]:
     """examples/organ_ct/run.py --real-ct --quick: its output folder and printed table."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real scans not found at {SHARED_DATA}")
+    require_shared_data()
     out = tmp_path_factory.mktemp("organ_ct_real") / "out"
     proc = run_script(EXAMPLES / "organ_ct" / "run.py", "--real-ct", "--quick", "--device", "cpu", "--output", out)
     return out, proc.stdout
@@ -224,7 +223,8 @@ def test_dicom_walkthrough_runs_as_written(real_ct_example, tmp_path):
     blocks = re.findall(r"```(bash|python|text)\n(.*?)```", page, re.DOTALL)
     sandbox = tmp_path / "repo"
     sandbox.mkdir()
-    (tmp_path / "shared").symlink_to(SHARED_DATA.parent)  # ../shared/data as from the repository root
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "data").symlink_to(SHARED_DATA)  # ../shared/data as from the repository root
     model_link = sandbox / "examples_output" / "organ_ct" / "run" / "fold_all" / "model"
     model_link.parent.mkdir(parents=True)
     model_link.symlink_to(real_ct_example[0] / "run" / "fold_all" / "model")

@@ -23,12 +23,9 @@ def series_dir(shared_data):
 
 @pytest.fixture(scope="module")
 def real_series():
-    from conftest import SHARED_DATA
+    from conftest import require_shared_data
 
-    folder = SHARED_DATA / "ct_dicom_series"
-    if not folder.is_dir():
-        pytest.skip(f"real scans not found at {SHARED_DATA}")
-    return read_volume(folder)
+    return read_volume(require_shared_data("ct_dicom_series"))
 
 
 def headers(folder):
