@@ -147,3 +147,43 @@ def test_case_ids_are_made_safe_for_file_names():
     unsafe = safe_case_id("../../etc/x")
     assert "/" not in unsafe and not unsafe.startswith(".")
     assert safe_case_id("a/b") != safe_case_id("a_b")
+
+
+def _mhd_case(root, case_id, data_file):
+    """images/CASE.mhd (data file renamed as ``data_file``, relative to images/) and labels/CASE.mha."""
+    import SimpleITK as sitk
+
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(exist_ok=True)
+    data = np.zeros((2, 3, 4), np.int16)
+    data[1, 1, 1] = 1
+    header = root / "images" / f"{case_id}.mhd"
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(header))
+    target = (root / "images" / data_file).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (root / "images" / f"{case_id}.raw").rename(target)
+    text = header.read_text().replace(f"ElementDataFile = {case_id}.raw", f"ElementDataFile = {data_file}")
+    header.write_text(text)
+    sitk.WriteImage(sitk.GetImageFromArray(data.astype(np.uint8)), str(root / "labels" / f"{case_id}.mha"))
+
+
+def test_mhd_data_file_may_lie_anywhere_inside_the_dataset_root_but_not_outside(tmp_path):
+    from medseg.data import check_dataset
+    from medseg.errors import ScanReadError
+
+    root = tmp_path / "mhd_ds"
+    _mhd_case(root, "c0", "../raw/c0.raw")  # a sibling folder inside the root: allowed
+    index = scan_dataset(root)
+    assert index.cases[0].root == root.resolve()
+    image, label = read_case(index.cases[0])
+    assert label.geometry.same_grid(image.geometry, atol_mm=0.01)
+    assert image.geometry.shape == (4, 3, 2) and int(image.array.sum()) == 1
+    _mhd_case(root, "c1", "../../outside_secret.raw")  # leaves the dataset root
+    index = scan_dataset(root)
+    with pytest.raises(ScanReadError, match=r"c1\.mhd: the header's data file '\.\./\.\./outside_secret\.raw' resolves"):
+        read_case(index.case("c1"))
+    report = check_dataset(index, num_folds=None)
+    assert [p.case_id for p in report.problems] == ["c1"]
+    assert "outside_secret.raw" in report.problems[0].message and "detached data files must stay" in (
+        report.problems[0].message
+    )

@@ -368,6 +368,63 @@ def test_itk_formats_keep_oblique_geometry_and_drop_metadata(tmp_path, suffix):
     assert "Doe^Peter" not in repr(volume.meta)
 
 
+def write_detached(folder, suffix, data_file):
+    """A small .mhd/.nhdr written by SimpleITK, its header then pointed at ``data_file``; returns the header."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    header = folder / f"scan{suffix}"
+    sitk.WriteImage(sitk.GetImageFromArray(data), str(header))
+    raw = folder / "scan.raw"
+    key = "ElementDataFile = " if suffix == ".mhd" else "data file: "
+    text = header.read_text()
+    assert f"{key}scan.raw" in text
+    header.write_text(text.replace(f"{key}scan.raw", f"{key}{data_file}"))
+    return header, raw
+
+
+@pytest.mark.parametrize("suffix", [".mhd", ".nhdr"])
+def test_detached_data_file_outside_the_header_folder_is_refused(tmp_path, suffix):
+    header, raw = write_detached(tmp_path / "case", suffix, "../outside_secret.raw")
+    raw.rename(tmp_path / "outside_secret.raw")
+    refused(
+        header,
+        ScanReadError,
+        rf"scan{re.escape(suffix)}: the header's data file '\.\./outside_secret\.raw' resolves to .*outside_secret\.raw, "
+        r"outside .*case; detached data files must stay beside their header",
+    )
+    # inside a wider root (a dataset's), the same file is allowed and read
+    volume = read_volume(header, data_root=tmp_path)
+    np.testing.assert_array_equal(volume.array[0], np.arange(24, dtype=np.int16).reshape(2, 3, 4).T)
+
+
+def test_detached_data_file_beside_the_header_is_read(tmp_path):
+    header, _ = write_detached(tmp_path / "case", ".mhd", "scan.raw")
+    assert read_volume(header).geometry.shape == (4, 3, 2)
+
+
+@pytest.mark.parametrize(
+    ("value", "bad"),
+    [
+        ("LIST 2D\nscan.raw\n../../etc/passwd", "../../etc/passwd"),
+        ("../slice%d.raw 1 2 1", "../slice1.raw"),
+    ],
+)
+def test_every_name_of_a_list_or_pattern_data_file_is_checked(tmp_path, value, bad):
+    header, _ = write_detached(tmp_path / "case", ".mhd", value)
+    refused(header, ScanReadError, rf"the header's data file '{re.escape(bad)}' resolves to .*, outside")
+
+
+def test_absolute_and_symlinked_data_files_are_refused(tmp_path):
+    secret = tmp_path / "secret.raw"
+    secret.write_bytes(b"\0" * 48)
+    header, raw = write_detached(tmp_path / "abs", ".nhdr", str(secret))
+    refused(header, ScanReadError, r"data file '.*secret\.raw' resolves to .*secret\.raw, outside")
+    header, raw = write_detached(tmp_path / "link", ".mhd", "scan.raw")
+    raw.unlink()
+    raw.symlink_to(secret)
+    refused(header, ScanReadError, r"data file 'scan\.raw' resolves to .*secret\.raw, outside .*link")
+
+
 def test_vector_pixel_mha_is_refused(tmp_path):
     image = sitk.Image([4, 4, 3], sitk.sitkVectorUInt8, 3)
     path = tmp_path / "rgb.mha"

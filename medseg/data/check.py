@@ -204,7 +204,7 @@ def _check_case(
         try:
             from medseg.io import read_volume
 
-            label = read_volume(case.label_path)
+            label = read_volume(case.label_path, data_root=case.root)
         except (ScanReadError, GeometryError) as err:
             problem(f"cannot read the label: {_short(err, index)}")
     channels = None

@@ -63,12 +63,15 @@ class Case:
         label_path: the label map, or ``None`` for test cases.
         patient_id: optional patient identifier (cases of one patient stay in
             one fold).
+        root: the dataset root; the data files named by ``.mhd``/``.nhdr``
+            headers must lie inside it (``None``: beside each header).
     """
 
     case_id: str
     image_paths: list[Path]
     label_path: Path | None = None
     patient_id: str | None = None
+    root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -374,7 +377,7 @@ def _scan_msd(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
             # nnU-Net v1 / converted MSD: the list names CASE.nii.gz, the files are CASE_0000.nii.gz ...
             images = _channel_files_for(image) or images
         case_id = strip_extension(image.name)
-        cases.append(Case(case_id, images, label, patients.get(case_id)))
+        cases.append(Case(case_id, images, label, patients.get(case_id), root))
     test_cases = []
     for n, entry in enumerate(meta.get("test", []) or []):
         value = entry.get("image") if isinstance(entry, dict) else entry
@@ -383,7 +386,7 @@ def _scan_msd(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
         except DatasetError as err:
             errors.append(str(err))
             continue
-        test_cases.append(Case(strip_extension(image.name), [image], None))
+        test_cases.append(Case(strip_extension(image.name), [image], None, root=root))
     _raise_collected(errors, root)
     return DatasetIndex(
         root=root,
@@ -437,7 +440,7 @@ def _scan_nnunet(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
             except (DatasetError, AttributeError) as err:
                 errors.append(str(err) if isinstance(err, DatasetError) else f"{where} must be an object")
                 continue
-            cases.append(Case(str(case_id), images, label, patients.get(str(case_id))))
+            cases.append(Case(str(case_id), images, label, patients.get(str(case_id)), root))
         _raise_collected(errors, root)
         test_cases: list[Case] = []
     else:
@@ -487,7 +490,7 @@ def _nnunet_cases(
         if labels_dir is not None:
             label_file = labels_dir / f"{case_id}{ending}"
             label = _check_inside(root, label_file, f"labelsTr/{label_file.name}") if label_file.exists() else label_file
-        cases.append(Case(case_id, paths, label, patients.get(case_id)))
+        cases.append(Case(case_id, paths, label, patients.get(case_id), root))
     return cases
 
 
@@ -527,7 +530,7 @@ def _scan_plain(root: Path, images_dir: Path, meta: dict | None) -> DatasetIndex
             label = labels_dir / f"{case_id}.nii.gz"  # reported as missing by the check
         elif label is not None:
             label = _check_inside(root, label, f"{labels_dir.name}/{label.name}")
-        cases.append(Case(case_id, paths, label, patients.get(case_id)))
+        cases.append(Case(case_id, paths, label, patients.get(case_id), root))
     extra = sorted(set(label_files) - set(groups))
     if extra:
         warnings.warn(
@@ -585,7 +588,7 @@ def _scan_list(root: Path, list_path: Path, *, entries: list | None = None, meta
             continue
         case_id = str(entry.get("case_id") or entry.get("id") or strip_extension(images[0].name))
         patient = entry.get("patient_id")
-        cases.append(Case(case_id, images, label, str(patient) if patient not in (None, "") else None))
+        cases.append(Case(case_id, images, label, str(patient) if patient not in (None, "") else None, root))
     _raise_collected(errors, root)
     return DatasetIndex(
         root=root,
@@ -638,7 +641,7 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[Any, Any | None]:
     from medseg.io import read_volume
     from medseg.io.volume import Volume
 
-    volumes = [read_volume(p) for p in case.image_paths]
+    volumes = [read_volume(p, data_root=case.root) for p in case.image_paths]
     first = volumes[0]
     if len(volumes) > 1:
         for p, v in zip(case.image_paths[1:], volumes[1:]):
@@ -653,7 +656,7 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[Any, Any | None]:
         image = first
     label = None
     if with_label and case.label_path is not None:
-        label = read_volume(case.label_path)
+        label = read_volume(case.label_path, data_root=case.root)
     return image, label
 
 

@@ -62,10 +62,16 @@ NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 TRAILING_PROBE_BYTES = 1 << 20  # NIfTI: bytes read past the declared end to report trailing data
+MAX_HEADER_BYTES = 1 << 20  # MetaImage/NRRD: header text read to find the data file names
+MAX_DATA_FILES = 100_000  # MetaImage/NRRD: most data files a LIST or pattern may name
 
 
 def read_volume(
-    path: str | os.PathLike, *, series_uid: str | None = None, allow_shear: bool = False
+    path: str | os.PathLike,
+    *,
+    series_uid: str | None = None,
+    allow_shear: bool = False,
+    data_root: str | os.PathLike | None = None,
 ) -> Volume:
     """Read a scan file or DICOM series folder with its exact geometry.
 
@@ -76,13 +82,17 @@ def read_volume(
         allow_shear: keep a sheared (non-orthogonal) NIfTI sform as written instead
             of refusing it. Masks written for such a scan carry the same sform
             (and qform_code 0, since a qform cannot hold shear).
+        data_root: the folder that the data files of a detached header (``.mhd``
+            ``ElementDataFile``, ``.nhdr``/``.nrrd`` ``data file``) must lie inside,
+            symlinks resolved; default: the header's own folder. Dataset cases pass
+            the dataset root.
 
     Returns:
         A :class:`Volume`, array channel-first ``(C, *spatial)``.
 
     Raises:
         ScanReadError: missing, empty, truncated, corrupt or unsupported file, NaN/Inf
-            voxels, not enough memory.
+            voxels, not enough memory, a detached data file outside ``data_root``.
         DicomSeriesError: the folder does not hold exactly one regular series.
         GeometryError: no usable orientation (both NIfTI codes 0, sheared sform).
     """
@@ -107,6 +117,7 @@ def read_volume(
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path, kind, suffix, allow_shear=allow_shear)
     if suffix in ITK_SUFFIXES:
+        _check_data_files(path, suffix, Path(data_root) if data_root is not None else path.parent)
         return _read_itk_file(path)
     if kind in ("nifti1", "nifti2", "gzip"):
         warnings.warn(
@@ -367,6 +378,90 @@ def _nifti_geometry(path: Path, header, shape: tuple[int, ...], *, allow_shear: 
 
 
 # --- MetaImage / NRRD -------------------------------------------------------------
+def _check_data_files(path: Path, suffix: str, root: Path) -> None:
+    """Refuse a MetaImage/NRRD header whose data file(s) lie outside ``root``, before SimpleITK opens them.
+
+    The header is untrusted: ``ElementDataFile = ../../secret.raw`` (MetaImage) or
+    ``data file: /etc/x`` (NRRD) would make SimpleITK read any file the user can read.
+    Every form is checked: one name, ``LIST`` (names on the following lines) and
+    the ``format min max step`` pattern (each generated name).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(MAX_HEADER_BYTES)
+    except OSError as err:
+        raise ScanReadError(f"{path}: cannot be opened ({err.strerror}). Check the path and permissions.") from err
+    lines = head.decode("latin-1").splitlines()
+    if suffix in (".mha", ".mhd"):
+        names = _metaimage_data_files(path, lines)
+    else:
+        names = _nrrd_data_files(path, lines)
+    root_real = os.path.realpath(root)
+    for name in names:
+        if "\x00" in name:
+            raise ScanReadError(f"{path}: the data file name {name!r} in the header contains a NUL byte.")
+        real = os.path.realpath(os.path.join(path.parent, name))
+        if os.path.commonpath([real, root_real]) != root_real:
+            raise ScanReadError(
+                f"{path}: the header's data file {name!r} resolves to {real}, outside {root_real}; detached data "
+                "files must stay beside their header (inside the dataset root for dataset cases). Move the data "
+                "file next to the header and name it without '..' or an absolute path."
+            )
+
+
+def _expand_data_file_pattern(path: Path, value: str) -> list[str] | None:
+    """``'slice%03d.raw 1 10 1'`` -> each name, or ``None`` when ``value`` is not a pattern."""
+    parts = value.split()
+    if len(parts) < 4 or "%" not in parts[0]:
+        return None
+    try:
+        start, stop, step = (int(v) for v in parts[1:4])
+    except ValueError:
+        return None
+    count = 0 if step == 0 else len(range(start, stop + (1 if step > 0 else -1), step))
+    if step == 0 or count > MAX_DATA_FILES:
+        raise ScanReadError(
+            f"{path}: the data file pattern {value!r} names {'endless' if step == 0 else count} files; "
+            f"at most {MAX_DATA_FILES} are read."
+        )
+    try:
+        return [parts[0] % i for i in range(start, stop + (1 if step > 0 else -1), step)]
+    except (TypeError, ValueError) as err:
+        raise ScanReadError(f"{path}: the data file pattern {parts[0]!r} is not a valid format ({err}).") from err
+
+
+def _metaimage_data_files(path: Path, lines: list[str]) -> list[str]:
+    """The data file names of a MetaImage header (none for ``LOCAL``: the data follow the header)."""
+    for n, line in enumerate(lines):
+        key, sep, value = line.partition("=")
+        if not sep or key.strip().lower() != "elementdatafile":
+            continue
+        value = value.strip()
+        if value.upper() == "LOCAL":
+            return []
+        if value and value.split()[0].upper() == "LIST":
+            return [name.strip() for name in lines[n + 1 :] if name.strip()]
+        return _expand_data_file_pattern(path, value) or [value]
+    return []
+
+
+def _nrrd_data_files(path: Path, lines: list[str]) -> list[str]:
+    """The data file names of a NRRD header (none when the data follow it in the same file)."""
+    for n, line in enumerate(lines[1:], start=1):
+        if not line.strip():
+            break  # the end of the header: attached data follow
+        if line.startswith("#") or ":=" in line:
+            continue
+        key, sep, value = line.partition(":")
+        if not sep or key.strip().lower() not in ("data file", "datafile"):
+            continue
+        value = value.strip()
+        if value and value.split()[0].upper() == "LIST":
+            return [name.strip() for name in lines[n + 1 :] if name.strip()]
+        return _expand_data_file_pattern(path, value) or [value]
+    return []
+
+
 def _read_itk_file(path: Path) -> Volume:
     import SimpleITK as sitk
 
