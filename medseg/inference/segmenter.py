@@ -71,6 +71,7 @@ __all__ = [
     "Segmenter",
     "case_name",
     "collect_inputs",
+    "declared_shape",
     "output_paths",
     "plan_outputs",
     "resolve_device",
@@ -92,6 +93,11 @@ OUTPUT_SUFFIXES = {
 }
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+
+#: Upper bounds of the small side outputs, in bytes (the NIfTI outputs are bounded from their shape).
+PROVENANCE_MAX_BYTES = 64 << 10  # plus 1 KiB per model
+STATS_MAX_BYTES_PER_LABEL = 1 << 10  # per file (JSON and CSV), plus 4 KiB
+PREVIEW_MAX_BYTES = 4 << 20  # a 12 x 4.4 inch figure at 100 dpi: 1200 x 440 RGBA is 2.1 MB uncompressed
 
 # --------------------------------------------------------------------------- results
 
@@ -448,6 +454,53 @@ class Segmenter:
         timings["preprocess_s"] = time.perf_counter() - t1
         return _Prepared(volume=volume, case=case, timings=timings, input_hash=input_hash)
 
+    def output_bytes(self, paths: dict[str, Path], shape: Sequence[int]) -> dict[str, int]:
+        """Upper bound in bytes of each output in ``paths`` (see :func:`output_paths`) for a scan of ``shape``.
+
+        NIfTI outputs are bounded by their uncompressed size (gzip guarantees
+        nothing: see :func:`medseg.io.writers.nifti_size_bound`); the small side
+        outputs by generous constants.
+        """
+        from medseg.io.writers import nifti_size_bound
+
+        spatial = tuple(shape)
+        mask_itemsize = 1 if max(self.plan.label_values) <= 255 else 2
+        sizes = {}
+        for kind, path in paths.items():
+            gz = path.name.lower().endswith(".gz")
+            if kind == "mask":
+                sizes[kind] = nifti_size_bound(spatial, mask_itemsize, gz=gz)
+            elif kind == "probabilities":
+                sizes[kind] = nifti_size_bound((*spatial, self.plan.num_classes), 1, gz=gz)
+            elif kind in ("statistics", "statistics_csv"):
+                sizes[kind] = (4 << 10) + STATS_MAX_BYTES_PER_LABEL * len(self.plan.label_values)
+            elif kind == "preview":
+                sizes[kind] = PREVIEW_MAX_BYTES
+            else:
+                sizes[kind] = PROVENANCE_MAX_BYTES + (1 << 10) * len(self.models)
+        return sizes
+
+    def check_free_space(self, paths: dict[str, Path], shape: Sequence[int], *, pending: int = 0) -> None:
+        """Refuse a case whose outputs (bounded by :meth:`output_bytes`) do not fit on the disk.
+
+        ``pending``: bytes of earlier outputs still being written to the same disk.
+
+        Raises:
+            OutputWriteError: needed vs free space, the folder, and how to fix it.
+        """
+        from medseg.io.writers import check_free_space, format_bytes
+
+        sizes = self.output_bytes(paths, shape)
+        by_folder: dict[Path, int] = {}
+        for kind, size in sizes.items():
+            by_folder[paths[kind].parent] = by_folder.get(paths[kind].parent, 0) + size
+        parts = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in sizes.items())
+        still = f", plus {format_bytes(pending)} of earlier outputs still being written" if pending else ""
+        for folder, needed in by_folder.items():
+            check_free_space(
+                folder, needed + pending, what=f"the outputs of {paths['mask'].name} ({parts}{still})"
+            )
+
     def predict_scores(self, image: np.ndarray, *, timings: dict[str, float] | None = None) -> tuple[torch.Tensor, str]:
         """Plan-grid scores of a preprocessed image: logits (one model) or mean probabilities (ensemble).
 
@@ -668,12 +721,16 @@ class Segmenter:
             return []
         for folder in sorted({paths["mask"].parent for paths in plans}):
             _check_output_dir(folder)  # before any compute: an unusable -o fails at once
+        for (path, _name), paths in zip(cases, plans):  # before any scan is read: shapes from the headers
+            shape = declared_shape(path, self.plan.data_dims)
+            if shape is not None:
+                self.check_free_space(paths, shape)
         with (
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader,
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-write") as writer,
             concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-hash") as hasher,
         ):
-            writes: list[concurrent.futures.Future] = []
+            writes: list[tuple[concurrent.futures.Future, int]] = []  # (write, its outputs' size bound)
 
             def read(i: int) -> concurrent.futures.Future:
                 return reader.submit(self._prepare, cases[i][0], series_uid, hash_pool=hasher)
@@ -689,15 +746,45 @@ class Segmenter:
                 else:
                     prepared = self._prepare(path, series_uid, hash_pool=hasher)
                 upcoming = read(i + 1) if prefetch and i + 1 < len(cases) else None
-                log.info("segmenting %s (%d/%d)", name, i + 1, len(cases))
-                prediction = self._finish(prepared, probabilities=probabilities)
-                for done in writes:  # surface a failed write before going on
+                for done, _size in writes:  # surface a failed write before going on
                     if done.done():
                         done.result()
+                # the disk may have filled since the start: check again before the network runs
+                shape = prepared.volume.geometry.shape
+                self.check_free_space(plans[i], shape, pending=sum(size for f, size in writes if not f.done()))
+                log.info("segmenting %s (%d/%d)", name, i + 1, len(cases))
+                prediction = self._finish(prepared, probabilities=probabilities)
                 _make_output_dir(plans[i]["mask"].parent)
-                writes.append(writer.submit(self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite))
+                write = writer.submit(self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite)
+                writes.append((write, sum(self.output_bytes(plans[i], shape).values())))
                 del prepared, prediction
-            return [f.result() for f in writes]
+            return [f.result() for f, _size in writes]
+
+
+def declared_shape(path: Path, data_dims: int) -> tuple[int, ...] | None:
+    """Spatial shape a scan file's header declares, without reading its voxels (None: not known).
+
+    NIfTI headers are read with nibabel, MetaImage/NRRD headers with SimpleITK;
+    DICOM folders and unreadable headers give None (the reader reports those).
+    """
+    lower = path.name.lower()
+    try:
+        if path.is_file() and lower.endswith((".nii.gz", ".nii")):
+            import nibabel as nib
+
+            shape = tuple(int(s) for s in nib.load(path).header.get_data_shape())
+        elif path.is_file() and lower.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            shape = tuple(int(s) for s in reader.GetSize())
+        else:
+            return None
+    except Exception:  # a broken header is reported by the reader, with its own message
+        return None
+    return shape[:data_dims] if len(shape) >= data_dims else None
 
 
 def _check_output_dir(folder: Path) -> None:

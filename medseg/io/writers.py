@@ -20,7 +20,9 @@ Every write goes the same way (``docs/geometry.md`` has the details):
 from __future__ import annotations
 
 import gzip
+import math
 import os
+import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +34,7 @@ from medseg.io.atomic import atomic_path
 from medseg.io.geometry import Geometry, NiftiCodes
 from medseg.io.volume import Volume
 
-__all__ = ["write_mask", "write_volume"]
+__all__ = ["check_free_space", "nifti_size_bound", "write_mask", "write_volume"]
 
 CORNER_TOL_MM = 1e-4  # written header vs intended grid, before float32 rounding is added
 SHEAR_TOL = 1e-4  # beyond this a qform cannot hold the affine: written with qform_code 0
@@ -85,6 +87,64 @@ def write_volume(array, like: Volume | Geometry, path: str | os.PathLike, *, ove
         ArrayValueError: NaN/Inf values or an unsupported data type.
     """
     return _write_nifti(_volume_data, array, like, path, overwrite=overwrite, compresslevel=1)
+
+
+# --- free space -------------------------------------------------------------------
+NIFTI_HEADER_BYTES = 352  # NIfTI-1 header + the 4-byte extension flag
+GZIP_WRAPPER_BYTES = 18  # gzip header (10, no file name) and trailer (8)
+
+
+def nifti_size_bound(shape, itemsize: int, *, gz: bool = True) -> int:
+    """Upper bound in bytes of a NIfTI-1 file of ``shape`` voxels of ``itemsize`` bytes.
+
+    Compression gives no guarantee (noise does not compress, and deflate can even
+    grow it a little): the bound is the uncompressed size plus zlib's worst-case
+    deflate overhead (``deflateBound``: n/4096 + n/16384 + n/2^25 + 7 bytes) and the
+    gzip wrapper, so it holds whatever the voxels are.
+    """
+    raw = NIFTI_HEADER_BYTES + math.prod(int(s) for s in shape) * int(itemsize)
+    if not gz:
+        return raw
+    return raw + (raw >> 12) + (raw >> 14) + (raw >> 25) + 7 + GZIP_WRAPPER_BYTES
+
+
+def format_bytes(n: float) -> str:
+    """``1.5 GiB``, ``300 MiB``, ``12 KiB``: sizes in the messages about free space."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_free_space(folder: str | os.PathLike, needed_bytes: int, *, what: str = "the outputs") -> int:
+    """Refuse, before any work, when ``folder``'s file system has less free space than ``needed_bytes``.
+
+    ``folder`` may not exist yet: its nearest existing parent is checked (where it
+    will be created). Free space is what an unprivileged user may use
+    (``shutil.disk_usage(...).free``).
+
+    Returns:
+        The free bytes found.
+
+    Raises:
+        OutputWriteError: not enough free space (the message gives needed vs free and the folder).
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return -1  # free space unknown (e.g. a special file system): the atomic write still guards
+    if needed_bytes > free:
+        raise OutputWriteError(
+            f"not enough free space in {folder}: {what} need up to {format_bytes(needed_bytes)} "
+            f"(uncompressed size, the upper bound), only {format_bytes(free)} is free. Free up space there "
+            "or pass another output folder (-o)."
+        )
+    return free
 
 
 # --- array checks -----------------------------------------------------------------
