@@ -187,3 +187,35 @@ def test_mhd_data_file_may_lie_anywhere_inside_the_dataset_root_but_not_outside(
     assert "outside_secret.raw" in report.problems[0].message and "detached data files must stay" in (
         report.problems[0].message
     )
+
+
+@pytest.mark.parametrize(
+    ("case_id", "problem"),
+    [
+        ("../../../escape_case/c0", "contains a path separator"),
+        ("sub/dir/c1", "contains a path separator"),
+        ("back\\slash", "contains a path separator"),
+        ("..", "contains '..'"),
+        ("tab\there", "contains a control character"),
+    ],
+)
+def test_unsafe_case_ids_in_a_list_are_refused_naming_the_entry(tmp_path, case_id, problem):
+    root = write_synthetic_dataset(tmp_path / "ids", layout="list", num_cases=2, kind="ct")
+    entries = [
+        {"image": "scans/phantom_000.nii.gz", "label": "masks/phantom_000.nii.gz", "case_id": "fine"},
+        {"image": "scans/phantom_001.nii.gz", "label": "masks/phantom_001.nii.gz", "case_id": case_id},
+    ]
+    (root / "dataset.json").write_text(json.dumps(entries))
+    with pytest.raises(DatasetError, match=r"dataset\.json: entry 2: case id .* " + problem):
+        scan_dataset(root)
+
+
+def test_unsafe_case_ids_in_an_nnunet_dataset_mapping_are_refused(tmp_path):
+    root = write_synthetic_dataset(tmp_path / "ids", layout="nnunet", num_cases=1, kind="ct")
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["dataset"] = {
+        "sub/dir/c1": {"images": ["imagesTr/phantom_000_0000.nii.gz"], "label": "labelsTr/phantom_000.nii.gz"}
+    }
+    (root / "dataset.json").write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match=r"dataset\['sub/dir/c1'\]: case id 'sub/dir/c1' contains a path separator"):
+        scan_dataset(root)

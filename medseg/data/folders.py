@@ -39,6 +39,7 @@ __all__ = [
     "SCAN_EXTENSIONS",
     "Case",
     "DatasetIndex",
+    "check_case_id",
     "read_case",
     "resolve_inside",
     "safe_case_id",
@@ -193,6 +194,31 @@ def safe_case_id(case_id: str) -> str:
 
     digest = hashlib.sha256(case_id.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return f"{safe or 'case'}-{digest}"
+
+
+def check_case_id(case_id: str, *, source: str) -> str:
+    """Refuse a case id that cannot safely become part of a file name.
+
+    Case ids end up in file names (cache, predictions) and in ``splits.json``;
+    an id such as ``../../x`` or ``sub/dir/c1`` is refused, never rewritten.
+
+    Raises:
+        DatasetError: the id is empty, contains ``/`` or ``\\``, ``..``, or a control character.
+    """
+    if not case_id.strip():
+        problem = "is empty"
+    elif "/" in case_id or "\\" in case_id:
+        problem = "contains a path separator"
+    elif ".." in case_id:
+        problem = "contains '..'"
+    elif any(ord(ch) < 32 or ord(ch) == 127 for ch in case_id):
+        problem = "contains a control character"
+    else:
+        return case_id
+    raise DatasetError(
+        f"{source}: case id {case_id!r} {problem}; case ids become file names and split entries, so they may not "
+        "hold path separators, '..' or control characters. Rename the case (e.g. 'sub_dir_c1')."
+    )
 
 
 def _check_inside(root: Path, path: Path, what: str) -> Path:
@@ -417,7 +443,7 @@ def _raise_collected(errors: list[str], root: Path) -> None:
     if len(errors) == 1:
         raise DatasetError(errors[0])
     if errors:
-        head = f"{len(errors)} invalid paths in dataset {root}:"
+        head = f"{len(errors)} invalid entries in dataset {root}:"
         raise DatasetError("\n".join([head, *(f"  - {e}" for e in errors)]))
 
 
@@ -435,6 +461,7 @@ def _scan_nnunet(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
         for case_id, entry in meta["dataset"].items():
             where = f"{src}: dataset[{case_id!r}]"
             try:
+                check_case_id(str(case_id), source=where)
                 images = [resolve_inside(root, p, source=where) for p in entry.get("images", [])]
                 label = resolve_inside(root, entry["label"], source=where) if entry.get("label") else None
             except (DatasetError, AttributeError) as err:
@@ -586,7 +613,13 @@ def _scan_list(root: Path, list_path: Path, *, entries: list | None = None, meta
         except DatasetError as err:
             errors.append(str(err))
             continue
-        case_id = str(entry.get("case_id") or entry.get("id") or strip_extension(images[0].name))
+        try:
+            case_id = check_case_id(
+                str(entry.get("case_id") or entry.get("id") or strip_extension(images[0].name)), source=where
+            )
+        except DatasetError as err:
+            errors.append(str(err))
+            continue
         patient = entry.get("patient_id")
         cases.append(Case(case_id, images, label, str(patient) if patient not in (None, "") else None, root))
     _raise_collected(errors, root)
