@@ -77,3 +77,51 @@ def test_exported_torchscript_matches_on_a_2d_model(tmp_path):
     with torch.no_grad():
         expected = load_model_folder(model_dir).model(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(run_exported(out / "model.torchscript.pt", x), expected, atol=1e-4, rtol=0)
+
+
+def _tree(folder):
+    """Every entry under ``folder`` with its bytes (folders as None): a snapshot to prove nothing changed."""
+    return {p.relative_to(folder).as_posix(): (p.read_bytes() if p.is_file() else None) for p in folder.rglob("*")}
+
+
+@pytest.fixture
+def run_folder(tmp_path):
+    """A run folder as `medseg train --fold all` leaves it: run files, a checkpoint and the model folder."""
+    run = tmp_path / "run"
+    plan = make_plan(num_classes=2, patch_size=(16, 16, 8))
+    save_model(run / "fold_all" / "model", plan, name="test_skewed", fold="all")
+    (run / "config.yaml").write_text("model: {name: test_skewed}\n")
+    (run / "fold_all" / "checkpoint_last.pt").write_bytes(b"training state")
+    return run
+
+
+@pytest.mark.parametrize(
+    ("output", "relation"),
+    [("run", "contains"), ("run/fold_all", "contains"), ("run/fold_all/model", "is"),
+     ("run/fold_all/model/export", "is inside")],
+)
+@pytest.mark.parametrize("overwrite", [True, False])
+def test_export_never_writes_over_or_into_its_model(tmp_path, run_folder, capsys, output, relation, overwrite):
+    before = _tree(run_folder)
+    argv = ["export", str(run_folder / "fold_all" / "model"), "--format", "torchscript", "-o", str(tmp_path / output)]
+    assert main(argv + (["--overwrite"] if overwrite else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{relation} the model folder" in err[0] and "never writes over or into its inputs" in err[0]
+    assert _tree(run_folder) == before
+
+
+def test_export_overwrite_keeps_a_folder_with_other_contents(tmp_path, unet_model, capsys):
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "report.pdf").write_bytes(b"someone's report")
+    assert main(["export", str(unet_model), "--format", "torchscript", "-o", str(out), "--overwrite"]) == 2
+    assert "holds 1 entry that this write does not produce (report.pdf)" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["report.pdf"]
+
+
+def test_export_default_folder_is_beside_the_model_folder_not_inside(run_folder, capsys):
+    before = _tree(run_folder / "fold_all" / "model")
+    assert main(["export", str(run_folder), "--format", "torchscript"]) == 0
+    assert capsys.readouterr().out.strip() == str(run_folder / "fold_all" / "export_torchscript")
+    assert (run_folder / "fold_all" / "export_torchscript" / "model.torchscript.pt").is_file()
+    assert _tree(run_folder / "fold_all" / "model") == before

@@ -6,7 +6,7 @@ plan.json says how to preprocess a scan; export.json names the inputs,
 outputs and labels. The exported logits are checked against PyTorch's.
 
 Examples:
-  medseg export runs/liver/fold_0/model --format onnx
+  medseg export runs/liver/fold_0/model --format onnx     # -> runs/liver/fold_0/export_onnx
   medseg export runs/liver/fold_0/model --format torchscript -o liver_ts/
 """
 
@@ -23,14 +23,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--format", required=True, choices=["torchscript", "onnx"], help="export format")
     parser.add_argument(
         "-o", "--output", type=Path, metavar="OUT",
-        help="export folder to create (default: MODEL_DIR/export_FORMAT)",
+        help="export folder to create (default: export_FORMAT beside the model folder, e.g. "
+        "runs/NAME/fold_0/export_onnx); never the model folder, inside it or around it",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export folder")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace an earlier export folder (a folder holding other files is refused, never emptied)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from medseg.inference.export import export_model
 
-    out = args.output if args.output is not None else args.model_dir / f"export_{args.format}"
-    print(export_model(args.model_dir, out, format=args.format, overwrite=args.overwrite))
+    print(export_model(args.model_dir, args.output, format=args.format, overwrite=args.overwrite))
     return 0

@@ -14,7 +14,11 @@ the geometry are the caller's job, described by ``plan.json`` and
 window and its logits are compared with the PyTorch model's
 (``max |difference| <= 1e-4``); a larger difference is an error.
 
-The folder is built in a temporary sibling and renamed into place.
+The folder is built in a temporary sibling and renamed into place. It is
+never the model folder, inside it, or a folder that holds it (a run folder);
+``overwrite`` replaces an earlier export, never a folder with other contents
+(:func:`medseg.io.atomic.atomic_dir`). The default folder is ``export_FORMAT``
+beside the model folder (``RUN/fold_K/export_onnx``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from medseg.errors import CheckpointError, ConfigError, OutputExistsError
-from medseg.io.atomic import atomic_dir
+from medseg.io.atomic import atomic_dir, refuse_output_over_inputs
 
 __all__ = ["EXPORT_FILES", "export_model", "run_exported"]
 
@@ -62,7 +66,7 @@ def run_exported(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
 
 def export_model(
     model_dir: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
     *,
     format: Literal["torchscript", "onnx"],
     overwrite: bool = False,
@@ -72,10 +76,11 @@ def export_model(
 
     Args:
         model_dir: a model folder (``model.json`` + weights).
-        out_dir: export folder to create.
+        out_dir: export folder to create; default ``export_FORMAT`` beside the model folder.
+            It may not be the model folder, lie inside it or contain it.
         format: ``torchscript`` (``torch.jit.trace``) or ``onnx`` (``torch.onnx.export``,
             TorchScript-based exporter, dynamic batch axis).
-        overwrite: replace an existing export folder.
+        overwrite: replace an existing export folder (one that holds only export files).
         opset: ONNX opset version.
 
     Returns:
@@ -83,7 +88,8 @@ def export_model(
 
     Raises:
         ConfigError: unknown format.
-        OutputExistsError: ``out_dir`` exists and ``overwrite`` is False.
+        OutputExistsError: ``out_dir`` exists and ``overwrite`` is False, holds other
+            files, or overlaps the model folder.
         CheckpointError: the model cannot be exported, or the exported logits differ.
     """
     import torch
@@ -100,13 +106,15 @@ def export_model(
             f"{model_dir} holds {len(dirs)} folds; export one model folder at a time "
             f"(e.g. {dirs[0]})."
         )
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else dirs[0].parent / f"export_{format}"
+    refuse_output_over_inputs(out_dir, {"model folder": dirs[0]}, what="export folder")
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it.")
     loaded = load_model_folder(dirs[0], device="cpu")
     model, plan = loaded.model.eval(), loaded.plan
     example = _example_input(plan)
-    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
+    owned = [*EXPORT_FILES.values(), "plan.json", "export.json"]  # an earlier export of either format
+    with atomic_dir(out_dir, overwrite=overwrite, also_replaces=owned) as tmp:
         target = tmp / EXPORT_FILES[format]
         try:
             with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
