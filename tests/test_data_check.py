@@ -117,7 +117,33 @@ def test_cli_refuses_an_escaping_path_with_exit_2(tmp_path, capsys):
     meta["training"][0]["label"] = "../../../../etc/passwd"
     (root / "dataset.json").write_text(json.dumps(meta))
     assert main(["check", str(root)]) == 2
-    assert "outside the dataset root" in capsys.readouterr().err
+    assert "outside the dataset root" in capsys.readouterr().out
+
+
+def test_path_escape_is_listed_together_with_the_per_case_problems(tmp_path, capsys):
+    root = write_synthetic_dataset(tmp_path / "mixed", layout="msd", num_cases=3, kind="ct", shape=(16, 16, 8))
+    meta = json.loads((root / "dataset.json").read_text())
+    meta["training"][0]["label"] = "../../../../etc/passwd"  # structural: leaves the root
+    (root / "dataset.json").write_text(json.dumps(meta))
+    lab = root / "labelsTr"
+    label = np.asanyarray(nib.load(lab / "phantom_001.nii.gz").dataobj)
+    _rewrite(lab / "phantom_001.nii.gz", array=label[:, :, :-1])  # shape mismatch
+    bad = np.asanyarray(nib.load(lab / "phantom_002.nii.gz").dataobj).copy()
+    bad[0, 0, 0] = 9
+    _rewrite(lab / "phantom_002.nii.gz", array=bad)  # undeclared label value
+
+    with pytest.raises(DatasetError, match=r"training\[0\]: path '\.\./\.\./\.\./\.\./etc/passwd' resolves"):
+        scan_dataset(root)  # training stops at once
+    report = check_dataset(scan_dataset(root, collect_problems=True), num_folds=None)
+    assert [p.case_id for p in report.problems] == [None, "phantom_001", "phantom_002"], report.format()
+    assert main(["check", str(root), "--folds", "1"]) == 2
+    out = capsys.readouterr().out
+    assert "3 problems in" in out
+    assert "dataset.json: training[0]: path '../../../../etc/passwd' resolves to" in out
+    assert "outside the dataset root" in out
+    shape = label.shape
+    assert f"case 'phantom_001': label shape {(*shape[:2], shape[2] - 1)} != image shape {shape}" in out
+    assert "case 'phantom_002': label values {9} not in dataset.json labels" in out
 
 
 def test_real_ct_laid_out_as_a_dataset_passes_check(tmp_path, shared_data):

@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.errors import DatasetError
 
     try:
-        index = scan_dataset(args.dataset)
+        index = scan_dataset(args.dataset, collect_problems=True)
     except DatasetError as err:
         print(f"medseg check: DatasetError: {err}", file=sys.stderr)
         return 2

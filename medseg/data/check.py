@@ -5,7 +5,9 @@ voxels and bad geometry get the reader's messages) and compared with its label
 and with the dataset's declarations. Nothing stops at the first problem: the
 report lists them all, naming the case and both files.
 
-Problems (training would fail or learn garbage): missing or unreadable files,
+Problems (training would fail or learn garbage): entries of ``dataset.json`` or
+a list that were refused while listing (a path leaving the root, an unsafe case
+id; pass ``scan_dataset(path, collect_problems=True)``), missing or unreadable files,
 image/label shape or grid mismatch (origin, spacing, direction, with the
 distance in mm), label values not declared, non-integer or negative labels,
 labels with several channels, channel count mismatch, channel files on
@@ -130,6 +132,8 @@ def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5, ignore_labe
         The :class:`CheckReport`; call ``report.raise_if_problems()`` to stop on problems.
     """
     report = CheckReport(root=index.root)
+    # entries refused while listing (scan_dataset(..., collect_problems=True)): reported with the rest
+    report.problems.extend(Finding(message.replace(str(index.root) + "/", "")) for message in index.problems)
     if not index.cases:
         report.problems.append(Finding(f"no training cases found ({index.layout} layout, listed from {index.source})"))
         return report

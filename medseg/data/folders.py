@@ -91,6 +91,10 @@ class DatasetIndex:
         file_ending: nnU-Net ``file_ending`` (e.g. ``".nii.gz"``), if declared.
         name: dataset name from ``dataset.json``, else the folder name.
         source: the file the cases were listed from (dataset.json or a list).
+        problems: entries refused while listing (a path leaving the root, an
+            unsafe case id, a malformed entry); their cases are left out. Only
+            :func:`scan_dataset` with ``collect_problems=True`` returns them,
+            otherwise it raises.
     """
 
     root: Path
@@ -103,6 +107,7 @@ class DatasetIndex:
     file_ending: str | None = None
     name: str = ""
     source: Path | None = None
+    problems: list[str] = field(default_factory=list)
 
     @property
     def num_channels(self) -> int | None:
@@ -229,11 +234,15 @@ def _check_inside(root: Path, path: Path, what: str) -> Path:
 # --------------------------------------------------------------------------- scanning
 
 
-def scan_dataset(path: str | Path) -> DatasetIndex:
+def scan_dataset(path: str | Path, *, collect_problems: bool = False) -> DatasetIndex:
     """Recognise a dataset folder's layout and list its cases.
 
     Args:
         path: the dataset folder, or a CSV/JSON list file (its folder is the root).
+        collect_problems: keep going past refused entries (a path leaving the
+            root, an unsafe case id, a malformed entry): they are left out and
+            listed in ``index.problems``, which :func:`medseg.data.check_dataset`
+            reports together with the per-case problems (``medseg check``).
 
     Returns:
         The :class:`DatasetIndex`. Missing or unreadable files are *not* errors
@@ -241,14 +250,22 @@ def scan_dataset(path: str | Path) -> DatasetIndex:
 
     Raises:
         DatasetError: the folder does not exist, its layout is not recognised,
-            ``dataset.json`` is malformed, or a listed path leaves the root.
+            ``dataset.json`` is malformed, or (unless ``collect_problems``) an
+            entry is refused; every refused entry is listed.
 
     Example::
 
         index = scan_dataset("data/Task09_Spleen")
         index.layout, len(index.cases)   # ('msd', 41)
     """
-    path = Path(path).expanduser()
+    index = _scan(Path(path).expanduser())
+    if index.problems and not collect_problems:
+        _raise_collected(index.problems, index.root)
+    return index
+
+
+def _scan(path: Path) -> DatasetIndex:
+    """:func:`scan_dataset` without raising for refused entries (they are in ``index.problems``)."""
     if path.is_file():
         root = Path(os.path.realpath(path.parent))
         return _scan_list(root, Path(os.path.realpath(path)))
@@ -413,7 +430,6 @@ def _scan_msd(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
             errors.append(str(err))
             continue
         test_cases.append(Case(strip_extension(image.name), [image], None, root=root))
-    _raise_collected(errors, root)
     return DatasetIndex(
         root=root,
         layout="msd",
@@ -424,6 +440,7 @@ def _scan_msd(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
         channel_names=channels,
         name=str(meta.get("name") or root.name),
         source=meta_path,
+        problems=errors,
     )
 
 
@@ -468,11 +485,12 @@ def _scan_nnunet(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
                 errors.append(str(err) if isinstance(err, DatasetError) else f"{where} must be an object")
                 continue
             cases.append(Case(str(case_id), images, label, patients.get(str(case_id)), root))
-        _raise_collected(errors, root)
         test_cases: list[Case] = []
     else:
-        cases = _nnunet_cases(root, root / "imagesTr", root / "labelsTr", ending, patients)
-        test_cases = _nnunet_cases(root, root / "imagesTs", None, ending, {}) if (root / "imagesTs").is_dir() else []
+        cases = _nnunet_cases(root, root / "imagesTr", root / "labelsTr", ending, patients, errors)
+        test_cases = (
+            _nnunet_cases(root, root / "imagesTs", None, ending, {}, errors) if (root / "imagesTs").is_dir() else []
+        )
     return DatasetIndex(
         root=root,
         layout="nnunet",
@@ -484,11 +502,12 @@ def _scan_nnunet(root: Path, meta_path: Path, meta: dict) -> DatasetIndex:
         file_ending=ending,
         name=str(meta.get("name") or root.name),
         source=meta_path,
+        problems=errors,
     )
 
 
 def _nnunet_cases(
-    root: Path, images_dir: Path, labels_dir: Path | None, ending: str, patients: dict[str, str]
+    root: Path, images_dir: Path, labels_dir: Path | None, ending: str, patients: dict[str, str], errors: list[str]
 ) -> list[Case]:
     if not images_dir.is_dir():
         raise DatasetError(f"{root}: nnU-Net layout expects {images_dir.name}/ with CASE_0000{ending} files.")
@@ -501,22 +520,35 @@ def _nnunet_cases(
         if not m:
             stray.append(p.name)
             continue
-        groups.setdefault(m["case"], {})[int(m["channel"])] = _check_inside(root, p, f"{images_dir.name}/{p.name}")
+        groups.setdefault(m["case"], {})[int(m["channel"])] = p
     if stray:
         warnings.warn(
             f"{images_dir}: ignored {len(stray)} file(s) without a _XXXX channel suffix (e.g. {stray[0]}); "
             f"nnU-Net images are named CASE_0000{ending}.",
-            stacklevel=3,
+            stacklevel=5,
         )
     cases = []
     for case_id, files in sorted(groups.items()):
         # a gap in channel numbers shows up as a missing file in the check
         n = max(files) + 1
-        paths = [files.get(c, images_dir / f"{case_id}_{c:04d}{ending}") for c in range(n)]
         label = None
-        if labels_dir is not None:
-            label_file = labels_dir / f"{case_id}{ending}"
-            label = _check_inside(root, label_file, f"labelsTr/{label_file.name}") if label_file.exists() else label_file
+        try:
+            paths = [
+                _check_inside(root, files[c], f"{images_dir.name}/{files[c].name}")
+                if c in files
+                else images_dir / f"{case_id}_{c:04d}{ending}"
+                for c in range(n)
+            ]
+            if labels_dir is not None:
+                label_file = labels_dir / f"{case_id}{ending}"
+                label = (
+                    _check_inside(root, label_file, f"{labels_dir.name}/{label_file.name}")
+                    if label_file.exists()
+                    else label_file
+                )
+        except DatasetError as err:
+            errors.append(str(err))
+            continue
         cases.append(Case(case_id, paths, label, patients.get(case_id), root))
     return cases
 
@@ -550,19 +582,24 @@ def _scan_plain(root: Path, images_dir: Path, meta: dict | None) -> DatasetIndex
         else:
             groups.setdefault(stem, []).append((0, p))
     cases = []
+    errors: list[str] = []
     for case_id, files in sorted(groups.items()):
-        paths = [_check_inside(root, p, f"{images_dir.name}/{p.name}") for _, p in sorted(files)]
         label = label_files.get(case_id)
-        if label is None and labels_dir is not None:
-            label = labels_dir / f"{case_id}.nii.gz"  # reported as missing by the check
-        elif label is not None:
-            label = _check_inside(root, label, f"{labels_dir.name}/{label.name}")
+        try:
+            paths = [_check_inside(root, p, f"{images_dir.name}/{p.name}") for _, p in sorted(files)]
+            if label is None and labels_dir is not None:
+                label = labels_dir / f"{case_id}.nii.gz"  # reported as missing by the check
+            elif label is not None:
+                label = _check_inside(root, label, f"{labels_dir.name}/{label.name}")
+        except DatasetError as err:
+            errors.append(str(err))
+            continue
         cases.append(Case(case_id, paths, label, patients.get(case_id), root))
     extra = sorted(set(label_files) - set(groups))
     if extra:
         warnings.warn(
             f"{labels_dir}: {len(extra)} label file(s) have no image (e.g. {extra[0]}); they are ignored.",
-            stacklevel=3,
+            stacklevel=4,
         )
     return DatasetIndex(
         root=root,
@@ -573,6 +610,7 @@ def _scan_plain(root: Path, images_dir: Path, meta: dict | None) -> DatasetIndex
         channel_names=channels,
         name=str((meta or {}).get("name") or root.name),
         source=images_dir,
+        problems=errors,
     )
 
 
@@ -622,7 +660,6 @@ def _scan_list(root: Path, list_path: Path, *, entries: list | None = None, meta
             continue
         patient = entry.get("patient_id")
         cases.append(Case(case_id, images, label, str(patient) if patient not in (None, "") else None, root))
-    _raise_collected(errors, root)
     return DatasetIndex(
         root=root,
         layout="list",
@@ -633,6 +670,7 @@ def _scan_list(root: Path, list_path: Path, *, entries: list | None = None, meta
         channel_names=channels,
         name=str((meta or {}).get("name") or root.name),
         source=list_path,
+        problems=errors,
     )
 
 
