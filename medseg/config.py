@@ -396,6 +396,8 @@ def type_name(tp: Any) -> str:
         return "a mapping"
     if tp is type(None):
         return "null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
     return {int: "an integer", float: "a number", bool: "true/false", str: "a string"}.get(tp, getattr(tp, "__name__", str(tp)))
 
 
@@ -456,9 +458,25 @@ def _is_min_size(text: str) -> bool:
     return text.startswith(prefix) and text[len(prefix) :].isdigit() and int(text[len(prefix) :]) > 0
 
 
-def field_problems(cls: type, data: dict[str, Any], *, skip: set[str] = frozenset()) -> list[str]:
-    """Type problems of plain ``data`` for dataclass ``cls`` (missing required fields included)."""
-    hints = typing.get_type_hints(cls)
+def field_problems(
+    cls: type,
+    data: Any,
+    *,
+    skip: set[str] = frozenset(),
+    strict: bool = False,
+    localns: dict[str, Any] | None = None,
+) -> list[str]:
+    """Problems of plain ``data`` as a record of dataclass ``cls``: missing required fields and wrong types.
+
+    A field annotated with another dataclass is checked recursively (its problems are
+    prefixed ``field.``). ``strict`` also reports fields ``cls`` does not declare;
+    ``localns`` resolves annotations of names the record's module imports lazily
+    (e.g. ``{"torch": torch}`` for ``torch.Tensor``). An empty list means ``cls(**data)``
+    gets what it declares.
+    """
+    if not isinstance(data, dict):
+        return [f"expected a mapping, got {_kind(data)}"]
+    hints = typing.get_type_hints(cls, localns=localns)
     problems = []
     for f in dataclasses.fields(cls):
         if f.name in skip:
@@ -467,10 +485,28 @@ def field_problems(cls: type, data: dict[str, Any], *, skip: set[str] = frozense
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 problems.append(f"{f.name} is missing")
             continue
-        ok, _ = match_type(data[f.name], hints[f.name])
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp) and isinstance(data[f.name], dict):
+            problems += [f"{f.name}.{p}" for p in field_problems(tp, data[f.name], strict=strict, localns=localns)]
+            continue
+        ok, _ = match_type(data[f.name], tp)
         if not ok:
-            problems.append(f"{f.name}={data[f.name]!r} (expected {type_name(hints[f.name])})")
+            problems.append(f"{f.name}={_short(data[f.name])} (expected {type_name(tp)})")
+    if strict:
+        known = {f.name for f in dataclasses.fields(cls)}
+        problems += [f"{k} is not a known field" for k in sorted(set(data) - known, key=str)]
     return problems
+
+
+def _kind(value: Any) -> str:
+    """What a value is, for messages about records (a type name, never a huge repr)."""
+    return "null" if value is None else type(value).__name__
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value, cut to ``limit`` characters (records may hold tensors or long lists)."""
+    text = repr(value) if isinstance(value, (bool, int, float, str, type(None), list, dict)) else f"<{_kind(value)}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def check_record(cls: type, data: dict[str, Any], *, version: int, what: str, remedy: str) -> None:
@@ -479,6 +515,8 @@ def check_record(cls: type, data: dict[str, Any], *, version: int, what: str, re
     Raises:
         ConfigError: naming ``what``, the version found and expected, or the unknown fields, and ``remedy``.
     """
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} is not a record: expected a JSON object, got {_kind(data)}. {remedy}")
     found = data.get("format_version")
     if found != version:
         raise ConfigError(f"{what} format_version {found!r} is not supported by this medseg (expects {version}); {remedy}")

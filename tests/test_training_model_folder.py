@@ -129,14 +129,21 @@ def test_weights_path_outside_the_folder_is_refused(tmp_path):
         read_model_json(model_dir)
 
 
-@pytest.mark.parametrize("model_entry", ["unet", {"options": {}}, {"name": "tiny", "options": [4]}])
-def test_hand_edited_model_entry_is_refused_as_corrupt(tmp_path, model_entry):
+@pytest.mark.parametrize(
+    ("model_entry", "problem"),
+    [
+        ("unet", r"model='unet' \(expected a mapping\)"),
+        ({"options": {}}, r"model\.name is missing"),
+        ({"name": "tiny", "options": [4]}, r"model\.options=\[4\] \(expected a mapping or null\)"),
+    ],
+)
+def test_hand_edited_model_entry_is_refused_as_corrupt(tmp_path, model_entry, problem):
     plan = tiny_plan()
     model_dir = save(tmp_path, build("tiny", plan, {}), plan)
     meta = json.loads((model_dir / "model.json").read_text())
     meta["model"] = model_entry
     (model_dir / "model.json").write_text(json.dumps(meta))
-    with pytest.raises(CheckpointError, match=r"model.json is corrupt: 'model' must be \{\"name\": str"):
+    with pytest.raises(CheckpointError, match=r"model.json is incomplete or damaged: " + problem):
         read_model_json(model_dir)
 
 

@@ -74,6 +74,18 @@ def _source_signature(case: Case) -> list[list[Any]]:
     return out
 
 
+@dataclass(frozen=True)
+class CacheEntryRecord:
+    """``<case>.json``: the fields and types every entry's record must have (checked on each read)."""
+
+    cache_format: int
+    case_id: str
+    plan_key: str
+    sources: list[list[Any]]
+    has_label: bool
+    record: dict[str, Any]
+
+
 @dataclass(frozen=True, eq=False)
 class CachedCase:
     """A preprocessed case as stored in the cache (arrays memory-mapped, read-only).
@@ -160,22 +172,40 @@ class PreprocessedCache:
         return meta is not None
 
     def _read_meta(self, case: Case) -> dict | None:
+        """The entry's record, or None when it is missing or stale (sources changed, another plan)."""
         paths = self.paths(case.case_id)
         if not paths["json"].is_file():
             return None
-        try:
-            meta = json.loads(paths["json"].read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return None
+        meta = self._parse_meta(paths["json"])
         try:
             signature = _source_signature(case)
         except OSError:
             return None
-        if meta.get("plan_key") != self.key or meta.get("sources") != signature or meta.get("case_id") != case.case_id:
+        if meta["plan_key"] != self.key or meta["sources"] != signature or meta["case_id"] != case.case_id:
             return None
-        if not paths["image"].is_file() or (meta.get("has_label") and not paths["label"].is_file()):
+        if not paths["image"].is_file() or (meta["has_label"] and not paths["label"].is_file()):
             return None
         return meta
+
+    def _parse_meta(self, path: Path) -> dict[str, Any]:
+        """Read an entry's JSON record and check it against :class:`CacheEntryRecord`.
+
+        Raises:
+            DatasetError: unreadable, not JSON, or a field missing or of the wrong type (named).
+        """
+        from medseg.config import field_problems
+
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise DatasetError(f"cache entry {path} is unreadable ({err}). {self._remedy()}") from err
+        problems = field_problems(CacheEntryRecord, meta)
+        if problems:
+            raise DatasetError(f"cache entry {path} is damaged: {'; '.join(problems)}. {self._remedy()}")
+        return meta
+
+    def _remedy(self) -> str:
+        return f"The cache was changed outside medseg; delete {self.folder} (it is rebuilt from the dataset) and run again."
 
     # ------------------------------------------------------------------ access
     def get(self, case: Case, *, mmap: bool = True) -> CachedCase:
@@ -205,24 +235,57 @@ class PreprocessedCache:
         return out
 
     def load(self, case_id: str, *, mmap: bool = True) -> CachedCase:
-        """Load an entry by id without checking its sources (for loader workers after :meth:`prepare`)."""
+        """Load an entry by id without checking its sources (for loader workers after :meth:`prepare`).
+
+        Raises:
+            DatasetError: the entry is missing (call :meth:`prepare` first) or damaged (the file is named).
+        """
         paths = self.paths(case_id)
-        try:
-            meta = json.loads(paths["json"].read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as err:
-            raise DatasetError(f"cache entry {paths['json']} is missing or corrupt; call prepare() first.") from err
-        return self._load(case_id, meta, mmap=mmap)
+        if not paths["json"].is_file():
+            raise DatasetError(f"cache entry {paths['json']} is missing; call prepare() first.")
+        return self._load(case_id, self._parse_meta(paths["json"]), mmap=mmap)
 
     def _load(self, case_id: str, meta: dict, *, mmap: bool) -> CachedCase:
         paths = self.paths(case_id)
-        mode = "r" if mmap else None
-        image = np.load(paths["image"], mmap_mode=mode, allow_pickle=False)
-        label = np.load(paths["label"], mmap_mode=mode, allow_pickle=False) if meta.get("has_label") else None
-        rows = np.load(paths["locs"], allow_pickle=False) if paths["locs"].is_file() else np.zeros((0, 1 + image.ndim - 1))
-        return CachedCase(
-            case_id=case_id, image=image, label=label, record=PreprocessRecord.from_dict(meta["record"]),
-            locations=locations_by_class(rows),
-        )
+        image = self._load_npy(paths["image"], mmap=mmap)
+        spatial = image.shape[1:]
+        if image.ndim not in (3, 4) or image.dtype.kind != "f":
+            raise DatasetError(
+                f"cache entry {paths['image']} holds {image.dtype} {image.shape}; expected float (C, *spatial). "
+                f"{self._remedy()}"
+            )
+        label = self._load_npy(paths["label"], mmap=mmap) if meta["has_label"] else None
+        if label is not None and (label.shape != (1, *spatial) or label.dtype.kind not in "iu"):
+            raise DatasetError(
+                f"cache entry {paths['label']} holds {label.dtype} {label.shape}; expected integer {(1, *spatial)}. "
+                f"{self._remedy()}"
+            )
+        if paths["locs"].is_file():
+            rows = self._load_npy(paths["locs"], mmap=False)
+            if rows.ndim != 2 or rows.shape[1] != 1 + len(spatial) or rows.dtype.kind not in "iu":
+                raise DatasetError(
+                    f"cache entry {paths['locs']} holds {rows.dtype} {rows.shape}; expected integer rows "
+                    f"(N, {1 + len(spatial)}). {self._remedy()}"
+                )
+        else:
+            rows = np.zeros((0, 1 + len(spatial)), dtype=np.int32)
+        try:
+            record = PreprocessRecord.from_dict(meta["record"])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise DatasetError(
+                f"cache entry {paths['json']} has a damaged 'record' ({type(err).__name__}: {err}). {self._remedy()}"
+            ) from err
+        return CachedCase(case_id=case_id, image=image, label=label, record=record, locations=locations_by_class(rows))
+
+    def _load_npy(self, path: Path, *, mmap: bool) -> np.ndarray:
+        """``np.load`` without pickle; a file that is not a plain ``.npy`` array is refused, naming it."""
+        try:
+            array = np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DatasetError(f"cache entry {path} is not a readable array ({err}). {self._remedy()}") from err
+        if not isinstance(array, np.ndarray) or array.dtype.fields is not None:
+            raise DatasetError(f"cache entry {path} is not a plain .npy array. {self._remedy()}")
+        return array
 
     # ------------------------------------------------------------------ writing
     def _write(self, case: Case) -> None:

@@ -161,12 +161,20 @@ def save_plan(plan: Plan, path: str | Path) -> None:
 
 
 def load_plan(path: str | Path) -> Plan:
+    """Read ``plan.json``.
+
+    Raises:
+        ConfigError: unreadable file, or a record that is not a plan (each bad field named), naming ``path``.
+    """
     path = Path(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"cannot read plan {path}: {err}") from err
-    return Plan.from_dict(data)
+    try:
+        return Plan.from_dict(data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from err
 
 
 # =========================================================================== planning

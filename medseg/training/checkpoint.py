@@ -19,12 +19,20 @@ Contents (``format_version`` 1)::
 
 ``numpy``'s and ``random``'s states are stored as lists and ints because the
 weights-only unpickler refuses ``numpy`` arrays (reliability.md §3, §4.1).
+
+The fields and their types are declared once, as the dataclasses below
+(:class:`TrainingStateRecord` and its parts), and :func:`load_training_state`
+checks a file against them before anything is restored: a file that loads but
+lacks a field, has one of the wrong type, or whose tensors do not fit the network
+is refused with a :class:`~medseg.errors.CheckpointError` naming the file and the
+field, never a ``KeyError`` half-way through a resume.
 """
 
 from __future__ import annotations
 
 import pickle
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,14 +41,17 @@ from medseg.io.atomic import atomic_path
 
 if TYPE_CHECKING:
     import torch
+    from torch import nn
 
     from medseg.data.plan import Plan
 
 __all__ = [
     "CHECKPOINT_FORMAT_VERSION",
+    "TrainingStateRecord",
     "capture_rng_state",
     "check_identity",
     "load_checkpoint",
+    "load_training_state",
     "make_identity",
     "restore_rng_state",
     "save_checkpoint",
@@ -96,6 +107,143 @@ def load_checkpoint(path: str | Path, *, map_location: str | torch.device = "cpu
             f"{CHECKPOINT_FORMAT_VERSION}. Resume with the medseg version that wrote it."
         )
     return data
+
+
+# --------------------------------------------------------------------------- the training-state record
+
+
+@dataclass(frozen=True)
+class IdentityRecord:
+    """``identity``: what a checkpoint must agree on with the run that resumes it."""
+
+    model_name: str
+    model_options: dict[str, Any]
+    label_values: list[int]
+    label_names: list[str]
+    plan: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class NumpyRngRecord:
+    """``rng.numpy``: ``np.random.get_state()`` with the key array as an int64 tensor."""
+
+    kind: str
+    keys: torch.Tensor
+    pos: int
+    has_gauss: int
+    cached_gaussian: float
+
+
+@dataclass(frozen=True)
+class RngRecord:
+    """``rng``: what :func:`capture_rng_state` writes."""
+
+    python: list[Any]
+    numpy: NumpyRngRecord
+    torch: torch.Tensor
+    cuda: list[torch.Tensor]
+    generators: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class OptimizerRecord:
+    """``optimizer``: a ``torch.optim`` state dict."""
+
+    state: dict[Any, Any]
+    param_groups: list[dict]
+
+
+@dataclass(frozen=True)
+class TrainingStateRecord:
+    """A training checkpoint (``checkpoint_last.pt``), ``format_version`` 1."""
+
+    format_version: int
+    kind: str
+    identity: IdentityRecord
+    epoch: int
+    iteration: int
+    model: dict[str, torch.Tensor]
+    optimizer: OptimizerRecord
+    trainer: dict[str, Any]
+    rng: RngRecord
+    scaler: dict[str, Any] | None = None
+    config: dict[str, Any] | None = None
+    seed: int | None = None
+    medseg_version: str | None = None
+
+
+def load_training_state(
+    path: str | Path,
+    *,
+    identity: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loop_state: type,
+) -> dict[str, Any]:
+    """Read a training checkpoint and check it completely before anything is restored from it.
+
+    Checks, in order: the file (:func:`load_checkpoint`), every field of
+    :class:`TrainingStateRecord` (present, right type), the ``identity`` against this
+    run (:func:`check_identity`), the model tensors' names and shapes against
+    ``model``, the optimizer's parameter groups against ``optimizer``, the RNG
+    states' sizes, and the ``trainer`` section against the dataclass ``loop_state``.
+
+    Raises:
+        CheckpointError: naming ``path`` and each missing, wrong-typed or mismatched field.
+    """
+    import torch
+
+    from medseg.config import field_problems
+    from medseg.training.model_folder import check_state_dict
+
+    path = Path(path)
+    data = load_checkpoint(path, map_location="cpu")
+    problems = field_problems(TrainingStateRecord, data, localns={"torch": torch})
+    if not problems:
+        problems = [f"trainer.{p}" for p in field_problems(loop_state, data["trainer"], strict=True)]
+        problems += _rng_problems(data["rng"])
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} is incomplete or damaged: " + "; ".join(problems)
+            + ". It was not written by this medseg's trainer (or was edited); resume from an intact "
+            "checkpoint_last.pt or train again without --resume in a new folder (-o)."
+        )
+    check_identity(data["identity"], identity, source=path)
+    check_state_dict(
+        model, data["model"], source=str(path),
+        remedy="The checkpoint does not belong to this run's network; resume from an intact checkpoint_last.pt.",
+    )
+    saved_groups = [len(g["params"]) if isinstance(g.get("params"), list) else None
+                    for g in data["optimizer"]["param_groups"]]
+    groups = [len(g["params"]) for g in optimizer.param_groups]
+    if saved_groups != groups:
+        raise CheckpointError(
+            f"checkpoint {path}: the optimizer state has parameter groups of sizes {saved_groups}, this run's "
+            f"optimizer {groups}; the file does not belong to this run. Resume from an intact checkpoint_last.pt."
+        )
+    return data
+
+
+def _rng_problems(rng: dict[str, Any]) -> list[str]:
+    """RNG states that cannot be restored (wrong length or element type)."""
+    import torch
+
+    problems = []
+    python = rng["python"]
+    if not (len(python) == 3 and isinstance(python[0], int) and isinstance(python[1], (list, tuple))
+            and len(python[1]) == len(random.getstate()[1]) and all(isinstance(x, int) for x in python[1])
+            and (python[2] is None or isinstance(python[2], float))):
+        problems.append("rng.python is not a Python random state [version, 625 integers, gauss]")
+    expected = torch.get_rng_state()
+    if rng["torch"].dtype != expected.dtype or rng["torch"].shape != expected.shape:
+        problems.append(
+            f"rng.torch has {rng['torch'].dtype} {tuple(rng['torch'].shape)} (expected {expected.dtype} "
+            f"{tuple(expected.shape)})"
+        )
+    keys = rng["numpy"]["keys"]
+    if keys.dim() != 1 or keys.numel() != 624:
+        problems.append(f"rng.numpy.keys has shape {tuple(keys.shape)} (expected (624,))")
+    return problems
 
 
 # --------------------------------------------------------------------------- identity

@@ -41,9 +41,9 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from medseg.config import InferConfig, config_from_dict
+from medseg.config import InferConfig, config_from_dict, field_problems
 from medseg.data.plan import Plan
 from medseg.errors import CheckpointError, ConfigError
 from medseg.io.atomic import atomic_dir
@@ -58,6 +58,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "LoadedModel",
     "ModelBuilder",
+    "ModelRecord",
     "TransferReport",
     "find_model_dirs",
     "load_model_folder",
@@ -173,11 +174,35 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- reading
 
 
+@dataclass(frozen=True)
+class ModelEntryRecord:
+    """``model.json``'s ``model``: the registered network and its options."""
+
+    name: str
+    options: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class ModelRecord:
+    """``model.json``, ``format_version`` 1: the fields and types :func:`read_model_json` checks."""
+
+    format_version: int
+    model: ModelEntryRecord
+    plan: dict[str, Any]
+    infer: dict[str, Any]
+    fold: int | Literal["all"]
+    weights: str
+    weights_sha256: str
+    medseg_version: str | None = None
+    training: dict[str, Any] | None = None
+
+
 def read_model_json(model_dir: str | Path) -> dict[str, Any]:
     """Parse and check ``model.json`` (format version, required fields) without loading weights.
 
     Raises:
-        CheckpointError: missing or unreadable file, unknown format version, missing fields.
+        CheckpointError: missing or unreadable file, unknown format version, fields of
+            :class:`ModelRecord` missing or of the wrong type (each one named).
     """
     model_dir = Path(model_dir)
     path = model_dir / MODEL_JSON
@@ -199,18 +224,14 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
             f"format_version {MODEL_FORMAT_VERSION}. Use the medseg version that wrote it "
             f"({meta.get('medseg_version', 'unknown')}) or re-train."
         )
-    missing = [k for k in ("model", "plan", "infer", "fold", "weights", "weights_sha256") if k not in meta]
-    if missing:
-        raise CheckpointError(f"model file {path} is incomplete: missing {', '.join(missing)}.")
-    model = meta["model"]
-    if not (isinstance(model, dict) and isinstance(model.get("name"), str)
-            and isinstance(model.get("options", {}) or {}, dict)):
+    problems = field_problems(ModelRecord, meta)
+    if problems:
         raise CheckpointError(
-            f"model file {path} is corrupt: 'model' must be {{\"name\": str, \"options\": {{...}}}}, got {model!r}; "
-            "re-train or copy the model folder again."
+            f"model file {path} is incomplete or damaged: {'; '.join(problems)}. It was edited or cut short; "
+            "copy the model folder again or re-train."
         )
     weights = meta["weights"]
-    if not isinstance(weights, str) or Path(weights).name != weights or weights in ("", ".", ".."):
+    if Path(weights).name != weights or weights in ("", ".", ".."):
         raise CheckpointError(f"model file {path}: 'weights' must be a file name inside the folder, got {weights!r}.")
     return meta
 
@@ -274,13 +295,28 @@ def load_model_folder(
     return LoadedModel(model=model, plan=plan, infer_config=infer_config, meta=meta, path=model_dir)
 
 
-def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str) -> None:
+def check_state_dict(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    *,
+    source: str,
+    remedy: str = "The folder's model.json and weights come from different models; re-train or copy a matching folder.",
+) -> None:
     """Refuse a state dict whose keys or shapes differ from ``model``'s, listing the differences.
+
+    ``remedy`` ends the message (what the user should do about it).
 
     Raises:
         CheckpointError: with missing keys, unexpected keys and shape mismatches.
     """
+    import torch
+
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    not_tensors = sorted(str(k) for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if not_tensors:
+        raise CheckpointError(
+            f"weights {source} are damaged: entries {_head(not_tensors)} are not tensors. {remedy}"
+        )
     got = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(got))
     unexpected = sorted(set(got) - set(expected))
@@ -296,7 +332,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source
         parts.append(f"shape mismatches (file != network) {_head(shapes)}")
     raise CheckpointError(
         f"weights {source} do not fit the network {type(model).__name__}: " + "; ".join(parts)
-        + ". The folder's model.json and weights come from different models; re-train or copy a matching folder."
+        + f". {remedy}"
     )
 
 

@@ -54,8 +54,7 @@ import numpy as np
 from medseg.errors import TrainingError
 from medseg.training.checkpoint import (
     capture_rng_state,
-    check_identity,
-    load_checkpoint,
+    load_training_state,
     make_identity,
     restore_rng_state,
     save_checkpoint,
@@ -333,8 +332,9 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> None:
         """Restore everything from a checkpoint (refused if it was made for another model/labels/plan)."""
         path = Path(path) if path is not None else self.checkpoint_path
-        ckpt = load_checkpoint(path, map_location="cpu")
-        check_identity(ckpt["identity"], self.identity, source=path)
+        ckpt = load_training_state(
+            path, identity=self.identity, model=self.model, optimizer=self.optimizer, loop_state=_LoopState
+        )
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.amp and ckpt.get("scaler"):
