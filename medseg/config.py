@@ -67,9 +67,15 @@ class DataConfig:
         "Activation memory the planner may use per step; null: 8 on CUDA, 1.0 on CPU/MPS.", None
     )
     normalization: Literal["auto", "ct", "zscore", "none"] = _doc(
-        "Intensity normalisation; auto: 'ct' for CT channels (clip to the dataset's foreground "
-        "0.5/99.5 percentiles, z-score with its foreground mean/std), per-image z-score otherwise.",
+        "Intensity normalisation; auto: 'ct' for CT channels (clip to a HU window, see ct_clip, then z-score "
+        "with the dataset's foreground mean/std), per-image z-score otherwise.",
         "auto",
+    )
+    ct_clip: Literal["contrast_robust", "foreground_percentiles"] = _doc(
+        "CT clip window: contrast_robust widens the training foreground's 0.5/99.5 percentiles to at least "
+        "[-200, +500] HU so contrast-enhanced organs and vessels are not saturated (docs/plan.md); "
+        "foreground_percentiles is nnU-Net's window (the percentiles themselves).",
+        "contrast_robust",
     )
     crop_to_nonzero: bool = _doc("Crop each case to the bounding box of non-zero (non-air) voxels first.", True)
     foreground_oversample: float = _doc(
@@ -114,6 +120,24 @@ class AugmentConfig:
     blur_sigma: list[float] = _doc("Blur sigma range in voxels.", factory=lambda: [0.5, 1.0])
     lowres_prob: float = _doc("Probability of low-resolution simulation (down- then up-sampling).", 0.25)
     lowres_range: list[float] = _doc("Down-sampling factor range for low-resolution simulation.", factory=lambda: [0.5, 1.0])
+    ct_intensity_prob: float = _doc(
+        "CT only: probability of a global change on the HU scale (shift, scale about water, noise), then a "
+        "clip to the plan's window.", 0.3
+    )
+    ct_shift_hu: float = _doc("CT only: largest global HU shift (scanner calibration; water is 0 +- 7 HU).", 15.0)
+    ct_scale_range: list[float] = _doc(
+        "CT only: HU scale factor about water (0 HU): tube voltage changes iodine/bone contrast.", factory=lambda: [0.9, 1.1]
+    )
+    ct_noise_hu: float = _doc("CT only: largest standard deviation of added noise in HU (low-dose CT: ~20-40).", 20.0)
+    label_intensity_prob: float = _doc(
+        "CT only: probability that each labelled structure gets its own HU offset (contrast phases); 0 disables.",
+        0.5,
+    )
+    label_intensity_range: list[float] = _doc(
+        "CT only: range of the per-structure offset in HU (enhancement of soft tissue and vessels: up to "
+        "~+300; for contrast-enhanced training scans use e.g. [-300, 30]).", factory=lambda: [-30.0, 300.0]
+    )
+    label_intensity_smooth: bool = _doc("CT only: soften the offset map's edges over one voxel.", True)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -442,6 +466,8 @@ def _validate(cfg: Config, source: str) -> Config:
             problems.append(f"augment.{f.name} must be in [0, 1], got {value}")
         if f.name.endswith(("_range", "_sigma")) and (len(value) != 2 or value[0] > value[1]):
             problems.append(f"augment.{f.name} must be [low, high] with low <= high, got {value}")
+    if a.ct_shift_hu < 0 or a.ct_noise_hu < 0:
+        problems.append(f"augment.ct_shift_hu and augment.ct_noise_hu must be >= 0, got {a.ct_shift_hu}, {a.ct_noise_hu}")
     if isinstance(cfg.loss.class_weights, list) and any(w < 0 for w in cfg.loss.class_weights):
         problems.append("loss.class_weights must be >= 0")
     if cfg.loss.ignore_label is not None and cfg.loss.ignore_label < 1:

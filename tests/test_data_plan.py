@@ -100,7 +100,12 @@ def test_thick_spacing_with_many_slices_keeps_the_median():
 def test_ct_uses_dataset_foreground_statistics_and_mr_per_image_zscore():
     ct = make_plan(_fp(spacings=[[1, 1, 1]] * 3, shapes=[[64, 64, 64]] * 3))
     norm = ct.normalization[0]
-    assert (norm.scheme, norm.clip, norm.mean, norm.std) == ("ct", (-50.0, 250.0), 60.0, 20.0)
+    # default window: the percentiles (-50, 250) widened to at least [-200, 500] HU (contrast phases)
+    assert (norm.scheme, norm.clip, norm.mean, norm.std) == ("ct", (-200.0, 500.0), 60.0, 20.0)
+    assert norm.clip_rule == "contrast_robust"
+    nnunet = make_plan(_fp(spacings=[[1, 1, 1]] * 3, shapes=[[64, 64, 64]] * 3),
+                       Config(data=DataConfig(ct_clip="foreground_percentiles"))).normalization[0]
+    assert (nnunet.clip, nnunet.clip_rule) == ((-50.0, 250.0), "foreground_percentiles")
     mr = make_plan(_fp(spacings=[[1, 1, 1]] * 3, shapes=[[64, 64, 64]] * 3, channels=("T2", "ADC"),
                        cropped=[[40, 40, 40]] * 3))
     assert [n.scheme for n in mr.normalization] == ["zscore", "zscore"]

@@ -23,15 +23,16 @@ from medseg.errors import ConfigError
 
 PLAN_FORMAT_VERSION = 1
 
-__all__ = ["PLAN_FORMAT_VERSION", "ChannelNorm", "Plan", "load_plan", "make_plan", "save_plan"]
+__all__ = ["PLAN_FORMAT_VERSION", "ChannelNorm", "Plan", "ct_clip_rule", "load_plan", "make_plan", "save_plan"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class ChannelNorm:
     """Intensity normalisation of one input channel.
 
-    * ``ct``: clip to ``clip`` (dataset foreground 0.5/99.5 percentiles), then
-      ``(x - mean) / std`` with the dataset's foreground mean/std.
+    * ``ct``: clip to ``clip`` (a window in HU chosen by ``clip_rule``, see
+      :func:`ct_clip_rule`), then ``(x - mean) / std`` with the dataset's
+      foreground mean/std.
     * ``zscore``: per-image ``(x - mean(x)) / std(x)``, computed inside the
       non-zero mask when ``use_nonzero_mask`` (outside stays 0).
     * ``none``: unchanged.
@@ -42,6 +43,8 @@ class ChannelNorm:
     mean: float | None = None
     std: float | None = None
     use_nonzero_mask: bool = False
+    clip_rule: Literal["contrast_robust", "foreground_percentiles"] | None = None
+    """``ct`` only: the rule that chose ``clip`` (``data.ct_clip``); recorded for the reader of plan.json."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -198,6 +201,12 @@ DEFAULT_BUDGET_GB = {"cuda": 8.0, "cpu": 1.0, "mps": 1.0}
 ZSCORE_NONZERO_MASK_BELOW = 0.75
 """Per-image z-score inside the non-zero mask when cropping keeps < 75 % of the voxels (median)."""
 CLASS_WEIGHT_CLIP = (0.1, 10.0)
+CT_CLIP_LOWER_AT_MOST = -200.0
+"""``contrast_robust``: the CT window reaches down to at least -200 HU (fat, -150..-50 HU, stays inside)."""
+CT_CLIP_UPPER_AT_LEAST = 500.0
+"""``contrast_robust``: the CT window reaches up to at least +500 HU, above contrast-enhanced organs
+(portal-venous liver ~100-130, spleen ~120-140, kidney cortex up to ~250 HU) and the bulk of an
+arterial-phase aorta (250-400 HU; patient C's median 354 HU); see docs/plan.md."""
 
 
 def _median_shape_after_resampling(fp: Any, target: list[float]) -> list[float]:
@@ -382,6 +391,28 @@ def class_sampling_rule(
     return ratios.tolist()
 
 
+def ct_clip_rule(p00_5: float, p99_5: float, *, rule: str) -> tuple[float, float]:
+    """The CT clip window in HU from the training foreground's 0.5 / 99.5 percentiles.
+
+    * ``foreground_percentiles`` (nnU-Net): ``(p00_5, p99_5)``. On non-contrast
+      training scans the upper bound lands near 80 HU, so every contrast-enhanced
+      organ of a later scan saturates at the same value.
+    * ``contrast_robust`` (default): ``(min(p00_5, -200), max(p99_5, 500))``: the
+      window never stops short of the HU range that contrast-enhanced soft
+      tissue and vessels occupy, whatever phase the training scans were taken in.
+
+    Example::
+
+        >>> ct_clip_rule(-245.0, 78.0, rule="contrast_robust")
+        (-245.0, 500.0)
+    """
+    if rule == "foreground_percentiles":
+        return float(p00_5), float(p99_5)
+    if rule == "contrast_robust":
+        return float(min(p00_5, CT_CLIP_LOWER_AT_MOST)), float(max(p99_5, CT_CLIP_UPPER_AT_LEAST))
+    raise ConfigError(f"data.ct_clip must be 'contrast_robust' or 'foreground_percentiles', got {rule!r}.")
+
+
 def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu") -> Plan:
     """Derive the plan from a dataset fingerprint (nnU-Net's rules; docs/plan.md).
 
@@ -455,9 +486,10 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
             )
             scheme = "zscore"
         if scheme == "ct":
+            rule = data.ct_clip
             normalization.append(
-                ChannelNorm(scheme="ct", clip=(stats["p00_5"], stats["p99_5"]), mean=stats["mean"],
-                            std=max(stats["std"], 1e-8))
+                ChannelNorm(scheme="ct", clip=ct_clip_rule(stats["p00_5"], stats["p99_5"], rule=rule),
+                            mean=stats["mean"], std=max(stats["std"], 1e-8), clip_rule=rule)
             )
         elif scheme == "zscore":
             normalization.append(ChannelNorm(scheme="zscore", use_nonzero_mask=bool(use_mask)))

@@ -20,6 +20,12 @@ The steps:
 2. Augmentation (``AugmentConfig``; nnU-Net's set): rotation, scaling, flips
    per axis, Gaussian noise, Gaussian blur, brightness, contrast, low-resolution
    simulation, gamma. Label maps are interpolated with nearest neighbour.
+   CT channels (``plan.normalization[c].scheme == "ct"``) get two more
+   intensity transforms, on the HU scale, right after patch sampling:
+   :class:`RandLabelIntensityOffsetd` (each labelled structure its own HU
+   offset: contrast phases) and :class:`RandCTIntensityd` (a global shift,
+   scale about water and noise in HU, then a clip to the plan's window).
+   MR and other channels are never touched by them.
 3. Conversion to tensors: image float32, label int64.
 """
 
@@ -40,6 +46,7 @@ from monai.transforms import (
     RandGaussianNoised,
     RandGaussianSmoothd,
     Randomizable,
+    RandomizableTransform,
     RandScaleIntensityd,
     RandScaleIntensityFixedMeand,
     RandSimulateLowResolutiond,
@@ -47,9 +54,17 @@ from monai.transforms import (
     Transform,
 )
 
-from medseg.data.plan import Plan
+from medseg.data.plan import ChannelNorm, Plan
 
-__all__ = ["RandBalancedPatchd", "ToTensorsd", "build_train_transforms", "build_val_transforms", "extract_patch"]
+__all__ = [
+    "RandBalancedPatchd",
+    "RandCTIntensityd",
+    "RandLabelIntensityOffsetd",
+    "ToTensorsd",
+    "build_train_transforms",
+    "build_val_transforms",
+    "extract_patch",
+]
 
 
 def extract_patch(array: np.ndarray, start: Sequence[int], size: Sequence[int], *, fill: float = 0) -> np.ndarray:
@@ -169,6 +184,184 @@ class RandBalancedPatchd(Randomizable, MapTransform):
         return stacked.reshape(array.shape[0] * (2 * context + 1), *self.patch_size)
 
 
+def _ct_channels(norms: Sequence[ChannelNorm | None]) -> list[tuple[int, float, float, float]]:
+    """``(channel, mean, std, clip_hu or inf)`` per input channel that holds CT normalised by the plan."""
+    out = []
+    for c, norm in enumerate(norms):
+        if norm is not None and norm.scheme == "ct":
+            mean = float(norm.mean if norm.mean is not None else 0.0)
+            std = float(norm.std if norm.std is not None else 1.0)
+            out.append((c, mean, max(std, 1e-8), norm.clip))
+    return out
+
+
+def _with_values(image: Any, values: np.ndarray) -> Any:
+    """``values`` in the container of ``image``: a tensor (MetaTensor: same meta and affine) or an array."""
+    if isinstance(image, torch.Tensor):
+        out = image.clone()
+        out.copy_(torch.as_tensor(values, dtype=out.dtype))
+        return out
+    return values.astype(np.asarray(image).dtype, copy=False)
+
+
+def _as_array(x: Any) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu()
+        x = x.as_tensor() if hasattr(x, "as_tensor") else x
+        return x.numpy()
+    return np.asarray(x)
+
+
+class RandLabelIntensityOffsetd(RandomizableTransform, MapTransform):
+    """Shift each labelled structure's intensity by its own random HU offset (simulated contrast phases).
+
+    With probability ``prob``, every foreground class index ``k`` (``1..num_classes-1``)
+    draws an offset ``o_k`` uniformly from ``offset_range_hu`` and every voxel of
+    that class in the label map gets ``o_k / std`` added in each CT channel
+    (``std`` of the channel's :class:`ChannelNorm`, so the offset is in HU).
+    Background, the ignore index and non-CT channels are unchanged. Voxels at a
+    bound of the plan's clip window (gas, dense bone: they do not enhance) are
+    left as they are, and the result is clipped to the window again. With
+    ``smooth`` the offset map is averaged over a 3-voxel box so structure edges
+    blend over about one voxel instead of forming a step that no scan has.
+
+    The label map, the geometry (a MetaTensor's affine and meta) and the shape
+    are never changed.
+
+    Args:
+        keys: image key(s).
+        channel_norms: per input channel, the plan's :class:`ChannelNorm` (``None``
+            or a non-CT scheme: channel untouched). 2D with slice context: one
+            entry per stacked channel (the centre slice's label map is used for
+            its neighbours too).
+        num_classes: classes of the label map (background included).
+        offset_range_hu: ``(low, high)`` offset in HU.
+        prob: probability of applying the offsets to a sample.
+        smooth: soften the offset map's edges.
+        label_key: key of the class-index label map ``(1, *spatial)``.
+    """
+
+    def __init__(
+        self,
+        keys: str | Sequence[str] = "image",
+        *,
+        channel_norms: Sequence[ChannelNorm | None],
+        num_classes: int,
+        offset_range_hu: Sequence[float] = (-30.0, 300.0),
+        prob: float = 0.5,
+        smooth: bool = True,
+        label_key: str = "label",
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.channels = _ct_channels(channel_norms)
+        self.num_classes = int(num_classes)
+        self.offset_range_hu = (float(offset_range_hu[0]), float(offset_range_hu[1]))
+        self.smooth = bool(smooth)
+        self.label_key = label_key
+        self.offsets_hu = np.zeros(self.num_classes)
+
+    def randomize(self, data: Any = None) -> None:
+        """Decide whether to apply, and draw one HU offset per class (entry 0, background, stays 0)."""
+        super().randomize(None)
+        offsets = self.R.uniform(*self.offset_range_hu, size=self.num_classes)
+        offsets[0] = 0.0
+        self.offsets_hu = offsets
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform or not self.channels or d.get(self.label_key) is None:
+            return d
+        label = _as_array(d[self.label_key])[0].astype(np.int64)
+        table = np.append(self.offsets_hu, 0.0)  # index num_classes (ignore label) and beyond: no offset
+        offset_map = table[np.clip(label, 0, self.num_classes)]
+        if self.smooth:
+            from scipy.ndimage import uniform_filter
+
+            offset_map = uniform_filter(offset_map, size=3, mode="nearest")
+        for key in self.key_iterator(d):
+            image = d[key]
+            values = _as_array(image).astype(np.float32, copy=True)
+            for c, mean, std, clip in self.channels:
+                x = values[c]
+                lo, hi = clip if clip is not None else (-np.inf, np.inf)
+                lo_n, hi_n = (lo - mean) / std, (hi - mean) / std
+                eps = 1e-4
+                inside = (x > lo_n + eps) & (x < hi_n - eps)
+                values[c] = np.clip(np.where(inside, x + offset_map / std, x), lo_n, hi_n)
+            d[key] = _with_values(image, values)
+        return d
+
+
+class RandCTIntensityd(RandomizableTransform, MapTransform):
+    """A global intensity change on the HU scale for CT channels: shift, scale about water, noise.
+
+    With probability ``prob``, in HU: ``hu' = clip(hu * scale + shift)`` to the
+    plan's window, then Gaussian noise with a standard deviation drawn from
+    ``[0, noise_hu]`` is added. ``scale`` from ``scale_range`` models tube
+    voltage (iodine and bone change their HU, water stays 0), ``shift`` from
+    ``[-shift_hu, shift_hu]`` scanner calibration, the noise dose. Non-CT
+    channels and the label map are unchanged.
+
+    Args:
+        keys: image key(s).
+        channel_norms: per input channel, the plan's :class:`ChannelNorm` (non-CT: untouched).
+        shift_hu: largest shift in HU.
+        scale_range: ``(low, high)`` scale factor about 0 HU.
+        noise_hu: largest noise standard deviation in HU.
+        prob: probability of applying the change to a sample.
+    """
+
+    def __init__(
+        self,
+        keys: str | Sequence[str] = "image",
+        *,
+        channel_norms: Sequence[ChannelNorm | None],
+        shift_hu: float = 15.0,
+        scale_range: Sequence[float] = (0.9, 1.1),
+        noise_hu: float = 20.0,
+        prob: float = 0.3,
+    ) -> None:
+        MapTransform.__init__(self, keys)
+        RandomizableTransform.__init__(self, prob)
+        self.channels = _ct_channels(channel_norms)
+        self.shift_hu = float(shift_hu)
+        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
+        self.noise_hu = float(noise_hu)
+        self._shift, self._scale, self._noise = 0.0, 1.0, 0.0
+
+    def randomize(self, data: Any = None) -> None:
+        super().randomize(None)
+        self._shift = float(self.R.uniform(-self.shift_hu, self.shift_hu))
+        self._scale = float(self.R.uniform(*self.scale_range))
+        self._noise = float(self.R.uniform(0.0, self.noise_hu))
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        self.randomize()
+        if not self._do_transform or not self.channels:
+            return d
+        for key in self.key_iterator(d):
+            image = d[key]
+            values = _as_array(image).astype(np.float32, copy=True)
+            for c, mean, std, clip in self.channels:
+                lo, hi = clip if clip is not None else (-np.inf, np.inf)
+                hu = np.clip(values[c] * std + mean, lo, hi) * self._scale + self._shift
+                hu = np.clip(hu, lo, hi)
+                if self._noise > 0:
+                    hu = hu + self.R.standard_normal(hu.shape).astype(np.float32) * self._noise
+                values[c] = (hu - mean) / std
+            d[key] = _with_values(image, values)
+        return d
+
+
+def _input_channel_norms(plan: Plan) -> list[ChannelNorm | None]:
+    """The plan's normalisation of each network input channel (2D slice context: channel-major copies)."""
+    per = 2 * plan.slice_context + 1 if (plan.spatial_dims == 2 and plan.data_dims == 3) else 1
+    return [norm for norm in plan.normalization for _ in range(per)]
+
+
 class ToTensorsd(Transform):
     """Image -> float32 tensor, label -> int64 tensor (plain ``torch.Tensor``, no metadata)."""
 
@@ -210,6 +403,16 @@ def build_train_transforms(plan: Plan, augment_config: Any = None) -> Compose:
     n = plan.spatial_dims
     steps: list[Any] = [_sampler(plan)]
     if a.enabled:
+        norms = _input_channel_norms(plan)
+        if any(n is not None and n.scheme == "ct" for n in norms):
+            if a.label_intensity_prob > 0:
+                steps.append(RandLabelIntensityOffsetd(
+                    "image", channel_norms=norms, num_classes=plan.num_classes, prob=a.label_intensity_prob,
+                    offset_range_hu=tuple(a.label_intensity_range), smooth=a.label_intensity_smooth))
+            if a.ct_intensity_prob > 0:
+                steps.append(RandCTIntensityd("image", channel_norms=norms, shift_hu=a.ct_shift_hu,
+                                              scale_range=tuple(a.ct_scale_range), noise_hu=a.ct_noise_hu,
+                                              prob=a.ct_intensity_prob))
         keys = ["image", "label"]
         angle = math.radians(a.rotation_degrees)
         if n == 3:
