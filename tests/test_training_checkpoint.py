@@ -348,3 +348,81 @@ def test_init_from_copies_matching_layers_and_keeps_a_fresh_head_for_new_classes
     assert torch.equal(target.encoder[0].weight, source_net.encoder[0].weight)
     assert torch.equal(target.head.weight, fresh_head)
     assert "initialised 2 tensors" in report.summary() and "new head (2 tensors" in report.summary()
+
+
+# --------------------------------------------------------------------------- resume with dropout and augmentation
+
+
+def _train_cli(dataset: Path, out: Path, *extra: str, workers: int = 0) -> int:
+    """``medseg train`` in this process: a tiny DeepLabV3+ (ASPP dropout 0.5) on augmented patches, deterministic."""
+    from medseg.cli import main
+
+    return main([
+        "train", str(dataset), "-o", str(out), "--model", "deeplabv3plus", "--device", "cpu", "--max-epochs", "4",
+        "--deterministic", *extra, "--set",
+        "model.deep_supervision=false",
+        "model.options={encoder_depth: 10, encoder_width: 4, decoder_channels: 8, low_level_channels: 4, "
+        "aspp_dropout: 0.5}",
+        "data.patch_size=[16, 16, 16]", "data.batch_size=2", "data.num_folds=2", f"data.num_workers={workers}",
+        "train.iterations_per_epoch=3", "train.val_every=2", "train.num_threads=1",
+        "augment.noise_prob=1.0", "augment.brightness_prob=1.0", "augment.flip_prob=0.5",
+    ])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("stop_at", "workers"), [("epoch_end", 1), ("mid_epoch", 0)])
+def test_resume_with_dropout_and_augmentation_is_bitwise_the_uninterrupted_run(tmp_path, monkeypatch, stop_at, workers):
+    """2 (or 2 1/3) + the rest of 4 epochs == 4 straight: dropout draws from torch's global generator, so the
+    checkpoint's RNG states must be restored on resume (a fresh run reseeds to the start-of-run state); the
+    augmentation (flips, noise, brightness, ...) runs in a loader worker or in this process."""
+    from medseg.data.synthetic import write_synthetic_dataset
+
+    dataset = write_synthetic_dataset(tmp_path / "Phantoms", num_cases=4, kind="ct", seed=5, shape=(24, 24, 20))
+    assert _train_cli(dataset, tmp_path / "straight", workers=workers) == 0
+    expected = load_checkpoint(tmp_path / "straight" / "fold_0" / "checkpoint_last.pt")
+    assert expected["epoch"] == 4
+
+    steps = {"n": 0}
+    original_step, original_end = Trainer._step, Trainer._end_epoch
+
+    def step(self, network, x, y, stop):  # SIGTERM after step 1 of epoch 3
+        value = original_step(self, network, x, y, stop)
+        steps["n"] += 1
+        if stop_at == "mid_epoch" and steps["n"] == 7:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return value
+
+    def end_epoch(self, monitor):  # SIGTERM once epoch 2 is checkpointed
+        stop = original_end(self, monitor)
+        if stop_at == "epoch_end" and self.state.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return stop
+
+    monkeypatch.setattr(Trainer, "_step", step)
+    monkeypatch.setattr(Trainer, "_end_epoch", end_epoch)
+    _train_cli(dataset, tmp_path / "resumed", workers=workers)
+    monkeypatch.undo()
+    stopped = load_checkpoint(tmp_path / "resumed" / "fold_0" / "checkpoint_last.pt")
+    assert (stopped["epoch"], stopped["iteration"]) == ((2, 0) if stop_at == "epoch_end" else (2, 1))
+
+    assert _train_cli(dataset, tmp_path / "resumed", "--resume", workers=workers) == 0
+    got = load_checkpoint(tmp_path / "resumed" / "fold_0" / "checkpoint_last.pt")
+    assert got["epoch"] == 4
+    assert any("aspp.dropout" in name for name, _ in _dropout_modules(tmp_path / "resumed"))
+    for key, value in expected["model"].items():
+        assert torch.equal(got["model"][key], value), key
+    for a, b in zip(got["optimizer"]["state"].values(), expected["optimizer"]["state"].values()):
+        assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
+    # the main process's generators continue as if never stopped (the loader's own generator is not compared:
+    # persistent workers draw their base seed once per loader, so a resumed run draws it once more)
+    assert torch.equal(got["rng"]["torch"], expected["rng"]["torch"])
+    assert got["rng"]["python"] == expected["rng"]["python"]
+    assert torch.equal(got["rng"]["numpy"]["keys"], expected["rng"]["numpy"]["keys"])
+
+
+def _dropout_modules(run: Path) -> list[tuple[str, nn.Module]]:
+    """The trained network's active dropout layers (the test is void without them)."""
+    from medseg.training.model_folder import load_model_folder
+
+    model = load_model_folder(run / "fold_0" / "model_last").model
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]
