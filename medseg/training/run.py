@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.config import Config, apply_override, config_from_dict, load_config, save_config
 from medseg.errors import ConfigError, DatasetError, OutputWriteError
-from medseg.io.atomic import write_json_atomic
+from medseg.io.atomic import clean_stale_temps, refuse_output_over_inputs, write_json_atomic
 from medseg.training.trainer import CHECKPOINT_LAST
 
 if TYPE_CHECKING:
@@ -231,6 +231,8 @@ def train(
             fold_list = [cfg.train.fold]
     else:
         cfg = given
+    if run_dir is not None:  # before anything is written
+        _check_run_dir(run_dir, dataset_dir, cfg, fold_list, init_from=init_from)
 
     info = dist_info_from_env()
     device = resolve_device(cfg.train.device, local_rank=info.local_rank)
@@ -256,6 +258,7 @@ def train(
             plan, fingerprint = _plan(index, cfg, run_dir, resume=resume, device_type=device.type)
             if run_dir is None:
                 run_dir = default_run_dir(dataset_dir, cfg.model.name, plan.spatial_dims, runs_root)
+                _check_run_dir(run_dir, dataset_dir, cfg, fold_list, init_from=init_from)
             if not resume:
                 _refuse_overwrite(run_dir, fold_list, cfg)
             splits = _splits(index, cfg, run_dir, resume=resume)
@@ -319,6 +322,32 @@ def _refuse_overwrite(run_dir: Path, folds: Sequence[int | str], cfg: Config) ->
                 f"{run_dir / f'fold_{k}'} already holds a trained fold; pass --resume to continue it "
                 "or -o NEW_RUN_DIR for a new run."
             )
+
+
+def _check_run_dir(
+    run_dir: Path, dataset_dir: Path, cfg: Config, folds: Sequence[int | str], *, init_from: str | Path | None
+) -> None:
+    """Refuse run and cache folders inside the dataset (before anything is written); clear killed saves' leftovers.
+
+    The run folder may hold the dataset (files are only added to it), but it may not be
+    the dataset or lie inside it, nor hold the ``--init-from`` model (a fold's model
+    folder would replace it). Leftover temporary files of a killed save (medseg's own
+    names only, see :func:`~medseg.io.atomic.clean_stale_temps`) are removed from the
+    run folder and the folders of the folds to train.
+
+    Raises:
+        OutputExistsError: naming the run (or cache) folder and the input it overlaps.
+    """
+    from medseg.training.distributed import dist_info_from_env
+
+    refuse_output_over_inputs(run_dir, {"dataset folder": dataset_dir}, what="run folder", around=False)
+    if init_from is not None:
+        refuse_output_over_inputs(run_dir, {"--init-from model": init_from}, what="run folder")
+    if cfg.data.cache_dir:
+        refuse_output_over_inputs(cfg.data.cache_dir, {"dataset folder": dataset_dir}, what="cache folder", around=False)
+    if dist_info_from_env().is_main:
+        for folder in [run_dir, *(run_dir / f"fold_{k}" for k in folds)]:
+            clean_stale_temps(folder)
 
 
 def _plan(
