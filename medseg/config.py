@@ -82,9 +82,9 @@ class DataConfig:
         "Share of patches centred on a foreground voxel (nnU-Net: 0.33); the rest are random.", 0.33
     )
     class_sampling: Literal["balanced", "uniform"] = _doc(
-        "How a foreground patch picks its class: 'balanced' favours rare classes (ratios from the "
-        "fingerprint's class frequencies), 'uniform' picks among present classes evenly.",
-        "balanced",
+        "How a foreground patch picks its class: 'uniform' picks among the classes present in the case "
+        "evenly (nnU-Net); 'balanced' favours rare classes (ratios from the fingerprint's class frequencies).",
+        "uniform",
     )
     slice_context: int = _doc("2D only: neighbouring slices on each side stacked as extra input channels.", 0)
     num_folds: int = _doc("Cross-validation folds (k-fold by case, fixed seed).", 5)
@@ -178,7 +178,13 @@ class LossConfig:
 class TrainConfig:
     """The training loop (defaults: nnU-Net's recipe)."""
 
-    max_epochs: int = _doc("Number of epochs.", 1000)
+    max_epochs: int = _doc("Number of epochs (ignored when time_budget is set).", 1000)
+    time_budget: str | float | None = _doc(
+        "Wall-clock budget per fold, e.g. 90s, 25m, 4h (a number: seconds). The run is sized from the measured "
+        "step time so that the learning-rate schedule, the validations and the final model write fit inside it; "
+        "max_epochs and iterations_per_epoch are then chosen by medseg (docs/training.md). null: use max_epochs.",
+        None,
+    )
     iterations_per_epoch: int = _doc("Optimizer steps per epoch.", 250)
     optimizer: Literal["sgd", "adamw"] = _doc("sgd (Nesterov momentum, nnU-Net) or adamw.", "sgd")
     learning_rate: float = _doc("Initial learning rate (sgd: 1e-2; use ~3e-4 for adamw).", 1e-2)

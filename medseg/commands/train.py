@@ -7,7 +7,7 @@ prints the command that resumes exactly where training stopped.
 
 examples:
   medseg train data/Task09_Spleen                       # 3D U-Net, fold 0
-  medseg train data/Spleen -c configs/cpu_quick.yaml    # a few minutes on a CPU
+  medseg train data/Spleen --time-budget 25m           # what fits in 25 minutes on this machine
   medseg train data/Spleen --folds 0,1,2,3,4            # 5-fold cross-validation
   medseg train data/Spleen -o runs/spleen --resume      # continue an interrupted run
   medseg train data/Small --init-from runs/big/fold_0/model --set train.freeze_encoder_epochs=10
@@ -35,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fold", help="fold to train: 0..num_folds-1, or 'all' for every case (train.fold)")
     parser.add_argument("--folds", metavar="K,K,...", help="train these folds in turn and summarise them, e.g. 0,1,2,3,4")
     parser.add_argument("--max-epochs", type=int, metavar="N", help="number of epochs (train.max_epochs)")
+    parser.add_argument(
+        "--time-budget", metavar="DURATION",
+        help="train each fold for this wall-clock time, e.g. 90s, 25m, 4h: the run is sized from the measured "
+        "step time (train.time_budget; replaces --max-epochs)",
+    )
     parser.add_argument("--device", help="auto (default), cpu, cuda, cuda:N or mps (train.device)")
     parser.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last checkpoint")
     parser.add_argument(
@@ -64,6 +69,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
         items.append(f"train.fold={args.fold}")
     if args.max_epochs is not None:
         items.append(f"train.max_epochs={args.max_epochs}")
+    if args.time_budget is not None:
+        items.append(f"train.time_budget={args.time_budget}")
     if args.device:
         items.append(f"train.device={args.device}")
     if args.seed is not None:

@@ -39,6 +39,7 @@ seeds every sample from ``(seed, sample index)``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -52,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import TrainingError
+from medseg.training.budget import BudgetPlan, parse_duration, plan_budget
 from medseg.training.checkpoint import (
     capture_rng_state,
     load_training_state,
@@ -61,7 +63,7 @@ from medseg.training.checkpoint import (
 )
 from medseg.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag
 from medseg.training.model_folder import save_model_folder
-from medseg.training.monitor import Monitor, overlay_image
+from medseg.training.monitor import Monitor, overlay_image, zero_class_warning
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +77,11 @@ __all__ = ["CHECKPOINT_LAST", "FitResult", "Trainer", "ValCase", "dice_per_class
 log = logging.getLogger(__name__)
 
 CHECKPOINT_LAST = "checkpoint_last.pt"
+PROBE_WARMUP = 2  # untimed steps before the time-budget probe measures (allocations, workers starting)
+PROBE_STEPS = 8  # timed probe steps (fewer when they take more than PROBE_SHARE of the budget)
+PROBE_SHARE = 0.03
+OPTIMIZER_STEP_FACTOR = 1.05  # the probe times forward + backward; the optimizer step adds a few per cent
+VALIDATION_OVERHEAD = 1.3  # Gaussian weighting, accumulation, argmax and Dice on top of the forward passes
 
 
 @dataclass
@@ -163,6 +170,11 @@ class _LoopState:
     compute_s: float = 0.0
     epoch_s: float = 0.0
     stopped_early: bool = False
+    elapsed_s: float = 0.0  # wall time of this fold so far (time budget; kept across resumes)
+    budget_total_steps: int = 0  # time budget: the schedule's length in steps (0: no budget plan yet)
+    budget_chunk_steps: int = 0  # time budget: steps between validations
+    budget_validations: int = 0  # time budget: validation passes planned for the fold
+    budget_exhausted: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -267,6 +279,13 @@ class Trainer:
         self._frozen: bool | None = None
         self._ddp: nn.Module | None = None
         self._resume_rng: dict[str, Any] | None = None
+        self.budget_s = parse_duration(self.cfg.time_budget)
+        self._deadline: float | None = None  # perf_counter() after which no step starts
+        self._clock_start = 0.0  # perf_counter() at fit() start, and the elapsed_s then
+        self._elapsed_at_start = 0.0
+        self._last_validation_s: float | None = None
+        self._validation_s_total = 0.0
+        self._speed_clock = (0.0, 0)  # (perf_counter(), steps done) when the budget plan was made
 
     # ----------------------------------------------------------------- setup
 
@@ -310,6 +329,7 @@ class Trainer:
 
     def save(self) -> Path:
         """Write ``checkpoint_last.pt`` (rank 0 only)."""
+        self._tick()
         if self.dist.is_main:
             save_checkpoint(
                 self.checkpoint_path,
@@ -356,11 +376,17 @@ class Trainer:
         trained = False
         for note in self.notes:
             log.info("%s", note)
+        self._clock_start = time.perf_counter()
+        self._elapsed_at_start = self.state.elapsed_s
+        if self.budget_s is not None and not self.state.stopped_early:
+            self.state.budget_exhausted = False  # re-sized from the time left (a resume may bring a larger budget)
+            self._plan_budget()
+            cfg = self.cfg
         try:
             with _StopRequest() as stop:
-                if self.state.stopped_early or self.state.epoch >= cfg.max_epochs:
+                if self.state.stopped_early or self.state.budget_exhausted or self.state.epoch >= cfg.max_epochs:
                     log.info("nothing to do: fold finished after %d epochs (%s)", self.state.epoch, status)
-                while self.state.epoch < cfg.max_epochs and not self.state.stopped_early:
+                while self.state.epoch < self.cfg.max_epochs and not self.state.stopped_early:
                     trained = True
                     if resume_rng is not None and self.state.iteration == 0:
                         restore_rng_state(resume_rng, self.generators)
@@ -370,15 +396,24 @@ class Trainer:
                     if interrupted:
                         status = "interrupted"
                         break
+                    if self.state.budget_exhausted:  # the time kept for the last validation is still there
+                        log.warning(
+                            "time budget reached after %d of %d steps: validating and writing the model",
+                            self._steps_done(), self.state.budget_total_steps,
+                        )
+                        self._end_epoch(monitor)
+                        break
                     if self._end_epoch(monitor):
                         status = "early_stopped"
                         break
-                    if broadcast_flag(stop.requested, self.device) and self.state.epoch < cfg.max_epochs:
+                    self._resize_budget()
+                    if broadcast_flag(stop.requested, self.device) and self.state.epoch < self.cfg.max_epochs:
                         log.warning("stopped after epoch %d; checkpoint saved to %s", self.state.epoch, self.checkpoint_path)
                         status = "interrupted"
                         break
         finally:
             monitor.close()
+        self._tick()
         model_dir = self.fold_dir / "model"
         if status != "interrupted" and trained:
             if self.dist.is_main:
@@ -407,6 +442,7 @@ class Trainer:
         lr = learning_rate_at(epoch, base=cfg.learning_rate, max_epochs=cfg.max_epochs, schedule=cfg.lr_schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        budget = self.state.budget_total_steps > 0
         network = self._network()
         network.train()
         start_step = self.state.iteration
@@ -428,6 +464,16 @@ class Trainer:
         t_epoch = time.perf_counter()
         try:
             for step in range(start_step, cfg.iterations_per_epoch):
+                if budget:  # the schedule runs over steps and ends at the budget; no step starts past the deadline
+                    if self._past_deadline():
+                        self.state.budget_exhausted = True
+                        return False
+                    lr = learning_rate_at(
+                        epoch * cfg.iterations_per_epoch + step, base=cfg.learning_rate,
+                        max_epochs=self.state.budget_total_steps, schedule=cfg.lr_schedule,
+                    )
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = lr
                 t0 = time.perf_counter()
                 try:
                     batch = next(stream)
@@ -517,6 +563,8 @@ class Trainer:
         if due and self.val_cases:
             t0 = time.perf_counter()
             val_dice, overlay = self.validate()
+            self._last_validation_s = time.perf_counter() - t0
+            self._validation_s_total += self._last_validation_s
             self.state.validations += 1
             self.state.last_val_dice = val_dice
             mean = _mean(val_dice)
@@ -534,6 +582,8 @@ class Trainer:
                 "n/a" if mean is None else f"{mean:.4f}", " (best)" if improved else "",
                 ", ".join(f"{k} {v:.3f}" for k, v in val_dice.items()),
             )
+            if (unlearned := zero_class_warning(val_dice, epoch / cfg.max_epochs)) is not None:
+                log.warning(unlearned)
             if overlay is not None and (self.state.validations - 1) % max(1, cfg.log_images_every) == 0:
                 monitor.image("val/overlay", overlay, epoch)
             patience = cfg.early_stopping_patience
@@ -566,6 +616,164 @@ class Trainer:
         self.save()
         barrier()
         return stop_early
+
+    # ----------------------------------------------------------------- time budget
+
+    def _tick(self) -> None:
+        """Bring ``state.elapsed_s`` (the fold's wall time, across resumes) up to now."""
+        if self._clock_start:
+            self.state.elapsed_s = self._elapsed_at_start + (time.perf_counter() - self._clock_start)
+
+    def _agreed(self, *values: float) -> list[float]:
+        """The ranks' mean of each value, so that every rank sizes the run the same way."""
+        if not self.dist.is_distributed:
+            return list(values)
+        import torch
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        all_reduce_sum(t)
+        return [float(v) / self.dist.world_size for v in t.cpu()]
+
+    def _past_deadline(self) -> bool:
+        late = self._deadline is not None and time.perf_counter() >= self._deadline
+        return broadcast_flag(late, self.device) if self.dist.is_distributed else late
+
+    def _steps_done(self) -> int:
+        per_epoch = self.state.budget_chunk_steps or self.cfg.iterations_per_epoch
+        return self.state.epoch * per_epoch + self.state.iteration
+
+    def _apply_budget(self, plan: BudgetPlan) -> None:
+        self.state.budget_total_steps = plan.total_steps
+        self.state.budget_chunk_steps = plan.chunk_steps
+        self.cfg = dataclasses.replace(
+            self.cfg, max_epochs=plan.chunks, iterations_per_epoch=plan.chunk_steps, val_every=1
+        )
+        # no step starts later than this: the last validation and the model write still fit
+        left = plan.budget_s - self.state.elapsed_s - plan.reserve_s - plan.validation_s
+        self._deadline = time.perf_counter() + left
+
+    def _plan_budget(self) -> None:
+        """Probe the step and validation time, then size the fold to the budget (docs: medseg.training.budget)."""
+        assert self.budget_s is not None
+        steps_done = self._steps_done()
+        step_s, validation_s = self._probe()
+        self._tick()
+        step_s, validation_s, spent = self._agreed(step_s, validation_s, self.state.elapsed_s)
+        plan = plan_budget(
+            self.budget_s,
+            step_s=step_s,
+            validation_s=validation_s,
+            spent_s=spent,
+            steps_done=steps_done,
+            validations_done=self.state.validations,
+            validations=self.state.budget_validations or None,
+            chunk_steps=self.state.budget_chunk_steps or None,
+            has_validation=bool(self.val_cases),
+        )
+        if not self.state.budget_validations:
+            self.state.budget_validations = plan.chunks if self.val_cases else 0
+        self._apply_budget(plan)
+        self._speed_clock = (time.perf_counter(), self._steps_done())
+        self._validation_s_total = 0.0
+        log.info("%s", plan.describe(self.plan.batch_size, resumed_after_s=self._elapsed_at_start))
+
+    def _resize_budget(self) -> None:
+        """After a chunk: re-size the remaining steps from the speed measured so far (machine load changes)."""
+        if not self.state.budget_total_steps or self.budget_s is None:
+            return
+        self._tick()
+        chunk = self.cfg.iterations_per_epoch
+        # wall time per step since the plan, checkpoints and logging included, validations excluded
+        t_plan, steps_at_plan = self._speed_clock
+        steps = self._steps_done() - steps_at_plan
+        if steps <= 0:
+            return
+        measured = max(1e-6, time.perf_counter() - t_plan - self._validation_s_total) / steps
+        step_s, validation_s, spent = self._agreed(
+            measured, self._last_validation_s or 0.0, self.state.elapsed_s
+        )
+        try:
+            plan = plan_budget(
+                self.budget_s, step_s=step_s, validation_s=validation_s, spent_s=spent,
+                steps_done=self.state.epoch * chunk, validations_done=self.state.validations,
+                validations=self.state.budget_validations, chunk_steps=chunk,
+                has_validation=bool(self.val_cases), min_steps=0,
+            )
+        except TrainingError:  # pragma: no cover - min_steps=0 cannot refuse
+            return
+        if plan.chunks != self.cfg.max_epochs:
+            log.info(
+                "budget: re-sized to %d steps (%d chunks; measured %.2g s/step, %.0f s per validation)",
+                plan.total_steps, plan.chunks, step_s, validation_s,
+            )
+        self._apply_budget(plan)
+
+    def _probe(self) -> tuple[float, float]:
+        """Seconds per optimizer step on real batches, and per validation pass; the model is left unchanged."""
+        import torch
+
+        saved = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        rng = capture_rng_state(self.generators)
+        network = self._network()
+        network.train()
+        sync = self.device.type == "cuda"
+        ctx = torch.autocast("cuda", dtype=torch.float16) if self.amp else contextlib.nullcontext()
+        cap = max(10.0, PROBE_SHARE * (self.budget_s or 0.0))
+        stream: Iterator[dict[str, torch.Tensor]] = iter(self.batches(self.state.epoch, self.state.iteration))
+        times: list[float] = []
+        t_start = t_last = time.perf_counter()
+        try:
+            for i in range(PROBE_WARMUP + PROBE_STEPS):
+                batch = next(stream, None)
+                if batch is None:
+                    break
+                x = batch["image"].to(self.device, non_blocking=True)
+                y = batch["label"].to(self.device, non_blocking=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                with ctx:
+                    loss = self.loss_fn(network(x), y)
+                self.scaler.scale(loss).backward()
+                if sync:
+                    torch.cuda.synchronize(self.device)
+                now = time.perf_counter()
+                if i >= PROBE_WARMUP:
+                    times.append(now - t_last)
+                t_last = now
+                if len(times) >= 2 and now - t_start > cap:
+                    break
+        finally:
+            close = getattr(stream, "close", None)
+            if close is not None:
+                close()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.model.load_state_dict(saved)
+            restore_rng_state(rng, self.generators)
+        step_s = (float(np.median(times)) if times else t_last - t_start) * OPTIMIZER_STEP_FACTOR
+        return step_s, self._estimate_validation()
+
+    def _estimate_validation(self) -> float:
+        """Seconds of one validation pass: windows to run x the time of one inference batch."""
+        if not self.val_cases:
+            return 0.0
+        import torch
+
+        from medseg.inference.sliding_window import plan_windows
+
+        overlap = self.config.infer.overlap
+        mine = self.val_cases[self.dist.rank :: self.dist.world_size] or self.val_cases[:1]
+        windows = sum(plan_windows(tuple(np.shape(c.image)[1:]), self.plan, overlap).num_windows for c in mine)
+        batch = max(1, int(self.config.infer.batch_size))
+        x = torch.zeros((batch, self.plan.in_channels, *self.plan.patch_size), device=self.device)
+        self.model.eval()
+        with torch.inference_mode():
+            self.model(x)
+            t0 = time.perf_counter()
+            self.model(x)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t_forward = time.perf_counter() - t0
+        self.model.train()
+        return math.ceil(windows / batch) * t_forward * VALIDATION_OVERHEAD + 0.05 * len(mine)
 
     # ----------------------------------------------------------------- validation
 
