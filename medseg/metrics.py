@@ -5,16 +5,25 @@ DeepMind's surface-distance and nnU-Net are in ``docs/metrics.md``. In short:
 
 * **Overlap** metrics come from one confusion matrix per case (a single
   ``np.bincount`` over ``pred * K + gt``), so every class costs the same one pass.
-* **Surface** of a mask = its voxels with at least one face neighbour (6 in 3D,
-  4 in 2D) outside the mask; the image border counts as outside. This is
-  ``mask & ~binary_erosion(mask)`` with SciPy's default structure, MONAI's
-  definition when it is not asked for sub-voxel surfaces. Distances are
-  Euclidean in mm between voxel centres (``index * spacing``), from each
-  surface voxel of one mask to the nearest surface voxel of the other.
+* **Surfaces** (see :data:`SurfaceKind`), two definitions:
+
+  - ``surface="surfel"`` (default; DeepMind's ``surface-distance``, Nikolov et
+    al., the reference of Metrics Reloaded): surface elements on the grid of
+    voxel corners. Each corner gets the code of its 2x2(x2) voxel neighbourhood;
+    a code other than all-inside/all-outside is a surface point whose area
+    (3D, marching-cubes triangles through edge midpoints) or length (2D) comes
+    from a table per spacing. Distances from each surface point to the nearest
+    surface point of the other mask are Euclidean in mm, and every metric is
+    weighted by the areas.
+  - ``surface="voxel"`` (MONAI with ``use_subvoxels=False``): the voxels with
+    at least one face neighbour (6 in 3D, 4 in 2D) outside the mask, the image
+    border counting as outside (``mask & ~binary_erosion(mask)``); distances
+    between voxel centres (``index * spacing``), every voxel counting once.
 * ``hd`` = max of both directed maxima; ``hd95`` = max of the two directed
-  95th percentiles (linear interpolation); ``assd`` = mean of both directed
-  distance sets pooled; ``nsd`` = fraction of surface voxels of both masks
-  within ``tolerance_mm`` of the other surface.
+  95th percentiles (surfel: area-weighted, as ``compute_robust_hausdorff``;
+  voxel: linear interpolation); ``assd`` = mean of both directed distance sets
+  pooled (surfel: area-weighted); ``nsd`` = share of both surfaces (area, or
+  voxel count) within ``tolerance_mm`` of the other surface.
 * **Empty masks** (see :data:`EmptyPolicy`): both empty -> NaN (``empty="nan"``,
   the default: excluded from means and counted in ``n_valid``) or a perfect
   score (``empty="one"``). One empty -> Dice/IoU/NSD 0 and distances at the
@@ -25,10 +34,12 @@ DeepMind's surface-distance and nnU-Net are in ``docs/metrics.md``. In short:
 from __future__ import annotations
 
 import difflib
+import functools
+import itertools
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -40,11 +51,14 @@ __all__ = [
     "DEFAULT_METRICS",
     "LESION_METRICS",
     "OVERLAP_METRICS",
+    "SURFACE_KINDS",
     "SURFACE_METRICS",
     "EmptyPolicy",
     "Lesion",
     "LesionOptions",
     "LesionScores",
+    "SurfaceDistances",
+    "SurfaceKind",
     "WorstDistance",
     "aggregate",
     "as_label_map",
@@ -347,6 +361,49 @@ def _check_empty(empty: str) -> None:
 # --------------------------------------------------------------------------------------
 # surfaces
 # --------------------------------------------------------------------------------------
+SurfaceKind = Literal["surfel", "voxel"]
+"""Which surface the distance metrics (``hd``, ``hd95``, ``assd``, ``nsd``) use.
+
+``"surfel"`` (default): the surface is made of surface elements on the grid of
+voxel *corners*, each weighted by its area (its length in 2D); distances,
+percentiles, averages and NSD are area-weighted. This is the definition of
+DeepMind's ``surface-distance`` (Nikolov et al. 2021), which Metrics Reloaded
+refers to. ``"voxel"``: the surface is the set of boundary voxels (centres),
+each counting once: MONAI's definition (``use_subvoxels=False``).
+"""
+
+SURFACE_KINDS = ("surfel", "voxel")
+
+
+class SurfaceDistances(NamedTuple):
+    """Directed distances (mm) between the surfaces of a prediction and a reference.
+
+    Attributes:
+        pred_to_gt: for each surface point of the prediction, the distance to
+            the nearest surface point of the reference (``inf`` when the
+            reference is empty; empty when the prediction is).
+        gt_to_pred: the same from the reference to the prediction.
+        pred_areas: area in mm² (length in mm for 2D) of the surface element of
+            each ``pred_to_gt`` entry; ``None`` for voxel surfaces (every voxel
+            counts once).
+        gt_areas: the same for ``gt_to_pred``.
+    """
+
+    pred_to_gt: np.ndarray
+    gt_to_pred: np.ndarray
+    pred_areas: np.ndarray | None = None
+    gt_areas: np.ndarray | None = None
+
+
+def _check_surface(surface: str) -> None:
+    if surface not in SURFACE_KINDS:
+        raise ConfigError(
+            f"surface must be 'surfel' (area-weighted surface elements, as DeepMind's surface-distance) "
+            f"or 'voxel' (boundary voxel centres, as MONAI), got {surface!r} (see docs/metrics.md)."
+        )
+
+
+# ---- voxel surfaces (MONAI) -----------------------------------------------------------
 def _boundary(label_map: np.ndarray, *, border_for_zero: bool) -> np.ndarray:
     """Voxels with a face neighbour of another label (image border = another label).
 
@@ -392,15 +449,27 @@ def _surface_points(
 def _directed(
     from_flat: np.ndarray, from_zero: np.ndarray, to_flat: np.ndarray, shape, spacing: np.ndarray
 ) -> np.ndarray:
-    """Distance (mm) from each surface voxel ``from_flat`` to the nearest voxel of ``to_flat``."""
+    """Distance (mm) from each grid point ``from_flat`` to the nearest grid point of ``to_flat``.
+
+    Points marked ``from_zero`` (on both surfaces) are 0 without a search. The
+    nearest point is found with a k-d tree; the distance is then recomputed from
+    the integer index offset as ``sqrt(sum((offset * spacing) ** 2))``, the
+    expression of ``scipy.ndimage.distance_transform_edt(..., sampling=spacing)``,
+    so that a step of exactly ``k`` voxels is exactly ``k * spacing`` mm (NSD
+    compares distances with ``<=``).
+    """
     out = np.zeros(from_flat.size, dtype=np.float64)
     todo = ~from_zero
     if todo.any():
-        to_mm = np.column_stack(np.unravel_index(to_flat, shape)) * spacing
-        from_mm = np.column_stack(np.unravel_index(from_flat[todo], shape)) * spacing
-        out[todo] = cKDTree(to_mm, leafsize=32, balanced_tree=False, compact_nodes=False).query(from_mm, k=1)[
-            0
-        ]
+        to_idx = np.column_stack(np.unravel_index(to_flat, shape))
+        from_idx = np.column_stack(np.unravel_index(from_flat[todo], shape))
+        tree = cKDTree(to_idx * spacing, leafsize=32, balanced_tree=False, compact_nodes=False)
+        nearest = tree.query(from_idx * spacing, k=1)[1]
+        step = (to_idx[nearest] - from_idx).astype(np.float64) * spacing
+        squared = step[:, 0] * step[:, 0]
+        for axis in range(1, step.shape[1]):
+            squared += step[:, axis] * step[:, axis]
+        out[todo] = np.sqrt(squared)
     return out
 
 
@@ -419,19 +488,18 @@ def _crop_to(*masks: np.ndarray) -> tuple[slice, ...] | None:
     return tuple(box)
 
 
-def _class_distances(
+def _voxel_class_distances(
     pred: np.ndarray,
     gt: np.ndarray,
     classes: Sequence[int],
     spacing: tuple[float, ...],
-) -> dict[int, tuple[np.ndarray, np.ndarray]]:
-    """Directed surface distances (pred->gt, gt->pred) in mm for each class of two label maps."""
-    classes = [int(c) for c in classes]
+) -> dict[int, SurfaceDistances]:
+    """Directed distances between boundary voxel centres (MONAI's surfaces) for each class."""
     with_zero = 0 in classes
     if not with_zero:
         box = _crop_to(pred, gt)
         if box is None:
-            return {c: (np.zeros(0), np.zeros(0)) for c in classes}
+            return {c: SurfaceDistances(np.zeros(0), np.zeros(0)) for c in classes}
         pred, gt = pred[box], gt[box]
     bp = _boundary(pred, border_for_zero=with_zero)
     bg = _boundary(gt, border_for_zero=with_zero)
@@ -444,31 +512,194 @@ def _class_distances(
         fp, zp = points_p[c]
         fg, zg = points_g[c]
         if fp.size == 0 or fg.size == 0:
-            out[c] = (np.full(fp.size, np.inf), np.full(fg.size, np.inf))
+            out[c] = SurfaceDistances(np.full(fp.size, np.inf), np.full(fg.size, np.inf))
             continue
-        out[c] = (_directed(fp, zp, fg, pred.shape, sp), _directed(fg, zg, fp, pred.shape, sp))
+        out[c] = SurfaceDistances(
+            _directed(fp, zp, fg, pred.shape, sp), _directed(fg, zg, fp, pred.shape, sp)
+        )
     return out
 
 
+# ---- surfel surfaces (DeepMind's surface-distance) ----------------------------------------
+@functools.lru_cache(maxsize=1)
+def _unit_area_vectors() -> tuple[np.ndarray, ...]:
+    """Per 2x2x2 neighbour code (256): the area vectors of its surface triangles at unit spacing.
+
+    Bit ``7 - (4a + 2b + c)`` of a code is the voxel at offset ``(a, b, c)`` in
+    the 2x2x2 neighbourhood of a voxel corner. The triangles are those of the
+    classic marching cubes table (Lorensen & Cline 1987, as
+    ``skimage.measure.marching_cubes(method="lorensen")`` implements it), with
+    vertices at edge midpoints, taken around the smaller set of corners: a code
+    and its complement have the same surface. An area vector is half the cross
+    product of two triangle edges; its length is the triangle's area.
+    """
+    from skimage.measure import marching_cubes
+
+    bits = 7 - np.arange(8)
+    out = []
+    for code in range(256):
+        inside = code if bin(code).count("1") <= 4 else 255 - code
+        if inside == 0:
+            out.append(np.zeros((0, 3)))
+            continue
+        cube = ((inside >> bits) & 1).reshape(2, 2, 2).astype(np.float64)
+        verts, faces, _, _ = marching_cubes(cube, 0.5, method="lorensen")
+        tri = verts[faces]
+        out.append(0.5 * np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=64)
+def _surfel_sizes(spacing: tuple[float, ...]) -> np.ndarray:
+    """Size of the surface inside each neighbour code: area in mm² (3D, 256 codes), length in mm (2D, 16).
+
+    2D (marching squares, vertices at edge midpoints; bit ``3 - (2a + b)`` is the
+    pixel at offset ``(a, b)``): one corner cut off (1 or 3 pixels set) is half a
+    pixel diagonal; two pixels side by side give a segment across the square (the
+    spacing of the other axis); two diagonal pixels give two cut corners.
+    3D: the triangle area vectors of :func:`_unit_area_vectors` scaled to the
+    spacing (the x-component of an area scales with ``s1 * s2``, and so on).
+    """
+    if len(spacing) == 2:
+        s0, s1 = spacing
+        cut_corner = 0.5 * math.sqrt(s0**2 + s1**2)
+        sizes = np.zeros(16)
+        for code in range(1, 15):
+            n = bin(code).count("1")
+            if n != 2:
+                sizes[code] = cut_corner
+            elif code in (0b1100, 0b0011):  # same row (axis 0 offset): the segment runs along axis 1
+                sizes[code] = s1
+            elif code in (0b1010, 0b0101):  # same column: the segment runs along axis 0
+                sizes[code] = s0
+            else:  # diagonal pair
+                sizes[code] = 2 * cut_corner
+        return sizes
+    s0, s1, s2 = spacing
+    scale = np.array([s1 * s2, s0 * s2, s0 * s1])
+    return np.array([float(np.linalg.norm(v * scale, axis=1).sum()) for v in _unit_area_vectors()])
+
+
+def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
+    """Neighbour code of every voxel corner of a boolean mask (outside the array counts as outside).
+
+    Corner ``i`` (per axis) lies between voxels ``i - 1`` and ``i``, so the result
+    has shape ``mask.shape + 1``. In 3D, bit ``7 - (4a + 2b + c)`` is set when the
+    voxel at offset ``(a, b, c)`` from voxel ``(i - 1, j - 1, k - 1)`` is inside;
+    in 2D bit ``3 - (2a + b)``.
+    """
+    nd = mask.ndim
+    padded = np.zeros(tuple(s + 2 for s in mask.shape), dtype=np.uint8)
+    padded[(slice(1, -1),) * nd] = mask
+    shape = tuple(s + 1 for s in mask.shape)
+    codes = np.zeros(shape, dtype=np.uint8)
+    last = 2**nd - 1
+    for index, offset in enumerate(itertools.product((0, 1), repeat=nd)):
+        window = padded[tuple(slice(o, o + s) for o, s in zip(offset, shape))]
+        codes |= np.left_shift(window, np.uint8(last - index))
+    return codes
+
+
+def _surfel_pair(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, ...]) -> SurfaceDistances:
+    """Area-weighted surface distances of two boolean masks (cropped: the corner grid is their shape + 1)."""
+    full = 2 ** (2**pred.ndim) - 1
+    sizes = _surfel_sizes(tuple(spacing))
+    code_p, code_g = _neighbour_codes(pred), _neighbour_codes(gt)
+    on_p = (code_p != 0) & (code_p != full)
+    on_g = (code_g != 0) & (code_g != full)
+    flat_p, flat_g = np.flatnonzero(on_p), np.flatnonzero(on_g)
+    area_p, area_g = sizes[code_p.ravel()[flat_p]], sizes[code_g.ravel()[flat_g]]
+    if flat_p.size == 0 or flat_g.size == 0:
+        return SurfaceDistances(np.full(flat_p.size, np.inf), np.full(flat_g.size, np.inf), area_p, area_g)
+    sp = np.asarray(spacing, dtype=np.float64)
+    d_pg = _directed(flat_p, on_g.ravel()[flat_p], flat_g, code_p.shape, sp)
+    d_gp = _directed(flat_g, on_p.ravel()[flat_g], flat_p, code_p.shape, sp)
+    return SurfaceDistances(d_pg, d_gp, area_p, area_g)
+
+
+def _class_boxes(
+    pred: np.ndarray, gt: np.ndarray, classes: Sequence[int]
+) -> dict[int, tuple[slice, ...] | None]:
+    """Bounding box of ``(pred == c) | (gt == c)`` per class (None when the class is in neither map)."""
+    top = max(classes)
+    if 0 in classes or top > 65535:
+        return {c: _crop_to(pred == c, gt == c) for c in classes}
+    found = [ndimage.find_objects(m, max_label=top) for m in (pred, gt)]
+    out: dict[int, tuple[slice, ...] | None] = {}
+    for c in classes:
+        boxes = [f[c - 1] for f in found if c - 1 < len(f) and f[c - 1] is not None]
+        out[c] = (
+            tuple(
+                slice(min(b[a].start for b in boxes), max(b[a].stop for b in boxes)) for a in range(pred.ndim)
+            )
+            if boxes
+            else None
+        )
+    return out
+
+
+def _surfel_class_distances(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    classes: Sequence[int],
+    spacing: tuple[float, ...],
+) -> dict[int, SurfaceDistances]:
+    """Area-weighted distances between surfel surfaces for each class, each cropped to its bounding box."""
+    out = {}
+    for c, box in _class_boxes(pred, gt, classes).items():
+        if box is None:
+            none = np.zeros(0)
+            out[c] = SurfaceDistances(none, none, none, none)
+        else:
+            out[c] = _surfel_pair(pred[box] == c, gt[box] == c, spacing)
+    return out
+
+
+def _class_distances(
+    pred: np.ndarray,
+    gt: np.ndarray,
+    classes: Sequence[int],
+    spacing: tuple[float, ...],
+    surface: SurfaceKind,
+) -> dict[int, SurfaceDistances]:
+    """Directed surface distances (pred->gt, gt->pred) in mm for each class of two label maps."""
+    classes = [int(c) for c in classes]
+    if pred.dtype == bool:
+        pred, gt = pred.view(np.uint8), gt.view(np.uint8)
+    if surface == "surfel":
+        return _surfel_class_distances(pred, gt, classes, spacing)
+    return _voxel_class_distances(pred, gt, classes, spacing)
+
+
 def surface_distances(
-    pred_mask: np.ndarray, gt_mask: np.ndarray, spacing: Sequence[float] | None
-) -> tuple[np.ndarray, np.ndarray]:
+    pred_mask: np.ndarray,
+    gt_mask: np.ndarray,
+    spacing: Sequence[float] | None,
+    *,
+    surface: SurfaceKind = "surfel",
+) -> SurfaceDistances:
     """Directed surface distances in mm between two binary masks.
 
     Args:
         pred_mask: boolean (or 0/1) prediction, 2D or 3D.
         gt_mask: boolean reference of the same shape.
         spacing: voxel size in mm per array axis (required).
+        surface: ``"surfel"`` (default): surface elements on the voxel-corner
+            grid with their areas (DeepMind's ``surface-distance``);
+            ``"voxel"``: boundary voxel centres, no areas (MONAI). See
+            :data:`SurfaceKind`.
 
     Returns:
-        ``(pred_to_gt, gt_to_pred)``: for each surface voxel of one mask (in
-        C order), the distance to the nearest surface voxel of the other.
-        When the other mask is empty the distances are ``inf``; an empty mask
-        gives an empty array.
+        :class:`SurfaceDistances`: for each surface point of one mask (C order
+        of its grid), the distance to the nearest surface point of the other,
+        and with ``"surfel"`` the area of each point's surface element. When
+        the other mask is empty the distances are ``inf``; an empty mask gives
+        empty arrays. ``distance_scores(*surface_distances(...))`` gives the metrics.
     """
+    _check_surface(surface)
     pred, gt = _check_pair(np.asarray(pred_mask) != 0, np.asarray(gt_mask) != 0)
     spacing = check_spacing(spacing, pred.ndim)
-    return _class_distances(pred.view(np.uint8), gt.view(np.uint8), [1], spacing)[1]
+    return _class_distances(pred, gt, [1], spacing, surface)[1]
 
 
 def worst_distance_mm(
@@ -492,6 +723,8 @@ def worst_distance_mm(
 def distance_scores(
     pred_to_gt: np.ndarray,
     gt_to_pred: np.ndarray,
+    pred_areas: np.ndarray | None = None,
+    gt_areas: np.ndarray | None = None,
     *,
     tolerance_mm: float = 1.0,
     empty: EmptyPolicy = "nan",
@@ -499,28 +732,77 @@ def distance_scores(
 ) -> dict[str, float]:
     """``hd``, ``hd95``, ``assd`` (mm) and ``nsd`` from directed surface distances.
 
+    With areas (surfel surfaces, DeepMind's ``surface-distance``), every value is
+    area-weighted: ``hd95`` is the max over both directions of the smallest
+    distance whose cumulative area (distances ascending) reaches 95 % of that
+    surface (``compute_robust_hausdorff``); ``assd`` is the area-weighted mean of
+    both directions pooled; ``nsd`` the area within tolerance over the total
+    area (``compute_surface_dice_at_tolerance``). Without areas (voxel surfaces,
+    MONAI) every point counts once and ``hd95`` is the max of the two directed
+    95th percentiles with linear interpolation. ``hd`` is the largest distance.
+
     Args:
-        pred_to_gt: distances from prediction surface voxels (see :func:`surface_distances`).
-        gt_to_pred: distances from reference surface voxels.
-        tolerance_mm: NSD tolerance: a surface voxel counts when within this distance.
+        pred_to_gt: distances from prediction surface points (see :func:`surface_distances`).
+        gt_to_pred: distances from reference surface points.
+        pred_areas: area (mm², or mm in 2D) of each ``pred_to_gt`` point's surface element, or None.
+        gt_areas: the same for ``gt_to_pred``; give both or neither.
+        tolerance_mm: NSD tolerance: a surface point counts when within this distance.
         empty: both-empty policy (:data:`EmptyPolicy`).
         worst: distance reported when exactly one mask is empty (mm or inf).
     """
     _check_empty(empty)
+    pred_to_gt, gt_to_pred = (
+        np.asarray(pred_to_gt, dtype=np.float64),
+        np.asarray(gt_to_pred, dtype=np.float64),
+    )
+    weighted = pred_areas is not None or gt_areas is not None
+    if weighted:
+        if pred_areas is None or gt_areas is None:
+            raise ArrayValueError(
+                "surface areas must be given for both directions (pred_areas and gt_areas) or neither."
+            )
+        pred_areas, gt_areas = (
+            np.asarray(pred_areas, dtype=np.float64),
+            np.asarray(gt_areas, dtype=np.float64),
+        )
+        if pred_areas.shape != pred_to_gt.shape or gt_areas.shape != gt_to_pred.shape:
+            raise ArrayValueError(
+                f"surface areas {pred_areas.shape}, {gt_areas.shape} must have one entry per distance "
+                f"{pred_to_gt.shape}, {gt_to_pred.shape}."
+            )
     if pred_to_gt.size == 0 and gt_to_pred.size == 0:
         if empty == "nan":
             return dict.fromkeys(SURFACE_METRICS, float("nan"))
         return {"hd": 0.0, "hd95": 0.0, "assd": 0.0, "nsd": 1.0}
     if pred_to_gt.size == 0 or gt_to_pred.size == 0:
         return {"hd": worst, "hd95": worst, "assd": worst, "nsd": 0.0}
-    hd95 = max(float(np.percentile(pred_to_gt, 95)), float(np.percentile(gt_to_pred, 95)))
-    within = np.count_nonzero(pred_to_gt <= tolerance_mm) + np.count_nonzero(gt_to_pred <= tolerance_mm)
+    hd = float(max(pred_to_gt.max(), gt_to_pred.max()))
+    if not weighted:
+        hd95 = max(float(np.percentile(pred_to_gt, 95)), float(np.percentile(gt_to_pred, 95)))
+        within = np.count_nonzero(pred_to_gt <= tolerance_mm) + np.count_nonzero(gt_to_pred <= tolerance_mm)
+        return {
+            "hd": hd,
+            "hd95": hd95,
+            "assd": float((pred_to_gt.sum() + gt_to_pred.sum()) / (pred_to_gt.size + gt_to_pred.size)),
+            "nsd": float(within / (pred_to_gt.size + gt_to_pred.size)),
+        }
+    total = pred_areas.sum() + gt_areas.sum()
+    within = pred_areas[pred_to_gt <= tolerance_mm].sum() + gt_areas[gt_to_pred <= tolerance_mm].sum()
     return {
-        "hd": float(max(pred_to_gt.max(), gt_to_pred.max())),
-        "hd95": hd95,
-        "assd": float((pred_to_gt.sum() + gt_to_pred.sum()) / (pred_to_gt.size + gt_to_pred.size)),
-        "nsd": float(within / (pred_to_gt.size + gt_to_pred.size)),
+        "hd": hd,
+        "hd95": max(_area_percentile(pred_to_gt, pred_areas, 95), _area_percentile(gt_to_pred, gt_areas, 95)),
+        "assd": float((pred_to_gt @ pred_areas + gt_to_pred @ gt_areas) / total),
+        "nsd": float(within / total),
     }
+
+
+def _area_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
+    """Smallest distance whose cumulative area share (distances ascending, then areas) reaches ``percent``."""
+    order = np.lexsort((areas, distances))
+    distances, areas = distances[order], areas[order]
+    share = np.cumsum(areas) / np.sum(areas)
+    index = int(np.searchsorted(share, percent / 100.0))
+    return float(distances[min(index, distances.size - 1)])
 
 
 # --------------------------------------------------------------------------------------
@@ -559,6 +841,7 @@ def compute_scores(
     worst_distance: WorstDistance = "inf",
     include_background: bool = False,
     lesion: bool | LesionOptions = False,
+    surface: SurfaceKind = "surfel",
 ) -> dict[str, dict[str, float]]:
     """Score one case: every requested metric for every class (and region).
 
@@ -579,6 +862,9 @@ def compute_scores(
         worst_distance: distance for one-empty cases (:data:`WorstDistance`).
         include_background: also score label 0.
         lesion: add lesion-wise metrics (``True`` or :class:`LesionOptions`).
+        surface: surface of the distance metrics: ``"surfel"`` (default,
+            area-weighted surface elements as DeepMind's ``surface-distance``)
+            or ``"voxel"`` (boundary voxel centres as MONAI); see :data:`SurfaceKind`.
 
     Returns:
         ``{class name: {metric: value}}``: labels first (ascending value), then regions.
@@ -591,6 +877,7 @@ def compute_scores(
     pred, gt = _check_pair(pred, gt)
     names = resolve_metrics(metrics)
     _check_empty(empty)
+    _check_surface(surface)
     lesion_opts = LesionOptions.coerce(lesion)
     if lesion_opts is not None:
         names = names + tuple(m for m in LESION_METRICS if m not in names)
@@ -624,16 +911,16 @@ def compute_scores(
 
     if wants_surface:
         worst = worst_distance_mm(worst_distance, pred.shape, spacing)
-        per_label = _class_distances(pred, gt, values, spacing) if values else {}
+        per_label = _class_distances(pred, gt, values, spacing, surface) if values else {}
         for name, members in groups.items():
             if len(members) == 1 and members[0] in per_label:
-                d_pg, d_gp = per_label[members[0]]
+                distances = per_label[members[0]]
             else:
-                d_pg, d_gp = _class_distances(
-                    np.isin(pred, members).view(np.uint8), np.isin(gt, members).view(np.uint8), [1], spacing
+                distances = _class_distances(
+                    np.isin(pred, members), np.isin(gt, members), [1], spacing, surface
                 )[1]
             tol = _tolerance_for(tolerance_mm, members[0] if len(members) == 1 else -1, name)
-            surf = distance_scores(d_pg, d_gp, tolerance_mm=tol, empty=empty, worst=worst)
+            surf = distance_scores(*distances, tolerance_mm=tol, empty=empty, worst=worst)
             results[name].update({m: surf[m] for m in names if m in surf})
 
     if lesion_opts is not None:
