@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -231,3 +232,99 @@ def test_patient_name_and_id_never_reach_the_mask(series_dir, tmp_path):
     assert (
         b"Doe^Peter" in (folder / sorted(p.name for p in folder.iterdir())[0]).read_bytes()
     )  # the test is real
+
+
+# --- gantry tilt: refused by default, resampled on request ---------------------------
+PIXEL = 0.9765625  # the real series' pixel spacing (mm)
+
+
+def tilted_copy(series_dir, target, count=6, *, shift_mm=PIXEL, iop_tilt_deg=None, tag=26.0):
+    """The first ``count`` slices as a gantry-tilted series.
+
+    Either the slices keep their axial planes and drift ``shift_mm`` along y per 2 mm slice
+    (a sheared stack, as some scanners write it), or (``iop_tilt_deg``) the image planes are
+    tilted about x while the positions stay on the table axis (as GE writes tilted CT).
+    """
+    z0 = min(float(pydicom.dcmread(f, stop_before_pixels=True).ImagePositionPatient[2])
+             for f in sorted(series_dir.iterdir())[:count])
+
+    def tilt(i, ds):
+        x, y, z = (float(v) for v in ds.ImagePositionPatient)
+        if iop_tilt_deg is None:
+            ds.ImagePositionPatient = [x, y + (z - z0) / 2.0 * shift_mm, z]
+        else:
+            t = np.radians(iop_tilt_deg)
+            ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, float(np.cos(t)), float(np.sin(t))]
+        ds.GantryDetectorTilt = tag
+
+    return copy_series(series_dir, target, count, tilt)
+
+
+def test_tilted_series_is_refused_by_default_and_resampled_only_on_request(series_dir, tmp_path):
+    folder = tilted_copy(series_dir, tmp_path / "tilt")
+    refused(folder, r"acquired with gantry tilt 26 deg \(GantryDetectorTilt, 0018,1120\).*resample_tilt=True")
+    before = sha256(folder)
+    volume = read_volume(folder, resample_tilt=True)
+    assert sha256(folder) == before
+    original = read_volume(copy_series(series_dir, tmp_path / "flat", 6))
+    g = volume.geometry
+    assert g.shape == (512, 512, 6) and volume.array.dtype == np.float32
+    np.testing.assert_allclose(g.spacing, (PIXEL, PIXEL, 2.0), atol=1e-9)
+    np.testing.assert_allclose(g.direction_lps, np.eye(3), atol=1e-12)  # a regular grid, perpendicular to the table
+    assert g.shear < 1e-12 and volume.meta["tilt_resampled_deg"] == pytest.approx(26.03, abs=0.01)
+    # slice k drifted k pixels along y: it is shifted back by exactly k pixels, air shifted in at the edge
+    for k in range(6):
+        flat = original.array[0, :, :, k]
+        np.testing.assert_array_equal(volume.array[0, :, k:, k], flat[:, : 512 - k])
+        assert np.all(volume.array[0, :, :k, k] == -1024)
+
+
+@pytest.mark.parametrize("kind", ["sheared positions", "tilted planes"])
+def test_mask_on_the_resampled_grid_reproduces_every_original_slice_position(series_dir, tmp_path, kind):
+    if kind == "sheared positions":
+        folder = tilted_copy(series_dir, tmp_path / "tilt", shift_mm=0.5)  # 0.512 pixel per slice: interpolated
+    else:
+        folder = tilted_copy(series_dir, tmp_path / "tilt", iop_tilt_deg=20.0)
+    volume = read_volume(folder, resample_tilt=True)
+    out = write_mask(np.zeros(volume.geometry.shape, np.uint8), volume, tmp_path / "mask.nii.gz")
+    affine = nib.load(out).affine
+    inverse = np.linalg.inv(affine)
+    slices = sorted(
+        (pydicom.dcmread(f, stop_before_pixels=True) for f in folder.iterdir()),
+        key=lambda ds: float(ds.ImagePositionPatient[2]),
+    )
+    iop = np.array([float(v) for v in slices[0].ImageOrientationPatient])
+    normal = np.cross(iop[:3], iop[3:])
+    if kind == "tilted planes":
+        np.testing.assert_allclose(volume.geometry.direction_lps[:, 2], normal, atol=1e-9)
+        np.testing.assert_allclose(volume.geometry.spacing[2], 2.0 * np.cos(np.radians(20.0)), atol=1e-6)
+    for k, ds in enumerate(slices):
+        ipp = np.array([float(v) for v in ds.ImagePositionPatient])
+        index = (inverse @ [*(ipp * [-1, -1, 1]), 1.0])[:3]
+        # the original slice centre lies on the corrected grid at integer slice index k (within 0.1 mm)
+        assert abs(index[2] - k) * volume.geometry.spacing[2] < 0.1
+        # and every corner pixel of that slice is where the mask's affine puts it, shifted in-plane
+        for i, j in [(0, 0), (511, 0), (0, 511), (511, 511)]:
+            lps = ipp + i * PIXEL * iop[:3] + j * PIXEL * iop[3:]
+            ras = (affine @ [i + index[0], j + index[1], k, 1.0])[:3]
+            np.testing.assert_allclose(ras, lps * [-1, -1, 1], atol=0.1)
+
+
+def test_tilted_slices_off_the_corrected_grid_are_refused():
+    from types import SimpleNamespace
+
+    from medseg.io.readers import _resample_tilted
+
+    first = SimpleNamespace(ImageOrientationPatient=[1, 0, 0, 0, 1, 0])
+    positions = np.array([[0.0, 0.0, 0.0], [0.0, 0.5, 2.0], [0.0, 1.0, 4.0], [0.0, 1.5, 6.3]])  # last step 2.3 mm
+    files = [Path(f"s{k}.dcm") for k in range(4)]
+    with pytest.raises(
+        DicomSeriesError, match=r"the ImagePositionPatient of slice 2 \(s2\.dcm\) is 0\.2 mm from its place on the corrected"
+    ):
+        _resample_tilted(Path("tilted"), files, np.zeros((4, 4, 4), np.int16), positions, np.array([0.0, 0.0, 1.0]),
+                         first, np.array([1.0, 1.0]))
+    regular = positions.copy()
+    regular[3, 2] = 6.0
+    array, geometry = _resample_tilted(Path("tilted"), files, np.zeros((4, 4, 4), np.int16), regular,
+                                       np.array([0.0, 0.0, 1.0]), first, np.array([1.0, 1.0]))
+    assert array.shape == (1, 4, 4, 4) and geometry.spacing[2] == pytest.approx(2.0)

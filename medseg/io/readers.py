@@ -58,6 +58,7 @@ IOP_TOL = 1e-4  # ImageOrientationPatient differences between slices
 SPACING_REL_TOL = 1e-2  # slice steps: largest relative deviation from the median step
 DUPLICATE_TOL_MM = 1e-3  # two slices closer than this along the normal are duplicates
 DICOM_POSITION_TOL_MM = 1e-2  # IPP off the slice normal (tilt) and ITK geometry vs IPP
+TILT_POSITION_TOL_MM = 0.1  # resample_tilt: every slice's IPP vs its place on the corrected grid
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
@@ -72,6 +73,7 @@ def read_volume(
     series_uid: str | None = None,
     allow_shear: bool = False,
     data_root: str | os.PathLike | None = None,
+    resample_tilt: bool = False,
 ) -> Volume:
     """Read a scan file or DICOM series folder with its exact geometry.
 
@@ -86,6 +88,11 @@ def read_volume(
             ``ElementDataFile``, ``.nhdr``/``.nrrd`` ``data file``) must lie inside,
             symlinks resolved; default: the header's own folder. Dataset cases pass
             the dataset root.
+        resample_tilt: DICOM series acquired with gantry tilt (a sheared stack) are
+            refused unless this is True; then each slice is shifted in its plane
+            (linear interpolation) onto a regular grid whose third axis is the slice
+            normal, slices staying at their positions along it, and the result is
+            float32. A mask is then written on that corrected grid (docs/geometry.md).
 
     Returns:
         A :class:`Volume`, array channel-first ``(C, *spatial)``.
@@ -100,7 +107,7 @@ def read_volume(
     if not path.exists():
         raise ScanReadError(f"{path}: no such file or folder. Check the path.")
     if path.is_dir():
-        return _read_dicom_folder(path, series_uid)
+        return _read_dicom_folder(path, series_uid, resample_tilt=resample_tilt)
     if series_uid is not None:
         raise ScanReadError(f"{path}: series_uid applies to DICOM folders only; this is a file.")
     kind = _sniff(path)
@@ -204,9 +211,13 @@ def _check_memory(path: Path, shape, itemsize: int, *, extra_bytes: int = 0) -> 
 def _check_voxels(path: Path, data: np.ndarray) -> None:
     """Refuse non-numeric voxel types and NaN/Inf values."""
     if data.dtype.fields is not None or data.dtype.kind not in "biuf":
+        names = data.dtype.names or ()
+        what = (f"RGB voxels ({len(names)} colour values each)" if names and set(names) <= set("RGBA")
+                else "complex voxels" if data.dtype.kind == "c" else "structured voxels")
         raise ScanReadError(
-            f"{path}: voxel type {data.dtype} is not supported (RGB, complex or structured). "
-            "Expected one grey value per voxel; convert it to a single-channel (or 4D multi-channel) scan."
+            f"{path}: voxel type {data.dtype} is not supported (RGB, complex or structured): found "
+            f"{tuple(int(s) for s in data.shape)} with {what}. Expected one grey value per voxel and channel; "
+            "convert it to a single-channel (or 4D (X, Y, Z, C) multi-channel) scan."
         )
     if data.dtype.kind == "f":
         bad = ~np.isfinite(data)
@@ -579,7 +590,7 @@ def _series_info(uid: str, items: list) -> DicomSeries:
     )
 
 
-def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
+def _read_dicom_folder(folder: Path, series_uid: str | None, *, resample_tilt: bool = False) -> Volume:
     groups, skipped = _scan_dicom_folder(folder)
     if not groups:
         raise DicomSeriesError(
@@ -600,17 +611,23 @@ def _read_dicom_folder(folder: Path, series_uid: str | None) -> Volume:
     else:
         uid = next(iter(groups))
     items = groups[uid]
-    files, positions, normal = _validate_series(folder, items)
+    files, positions, normal, tilt = _validate_series(folder, items, resample_tilt=resample_tilt)
     datasets = [ds for _, ds in items]
     meta = {"format": "dicom", "modality": str(datasets[0].get("Modality", ""))}
     if series_uid is not None:
         meta["series_uid"] = series_uid
-    array, geometry = _read_dicom_pixels(folder, files, positions, normal, datasets)
+    array, geometry = _read_dicom_pixels(folder, files, positions, normal, datasets, tilted=tilt is not None)
+    if tilt is not None:
+        meta["tilt_resampled_deg"] = round(tilt, 3)
     return Volume(array=array, geometry=geometry, path=folder, meta=meta)
 
 
-def _validate_series(folder: Path, items: list):
-    """Check the series is one regular, untilted stack; return its files and IPPs sorted along the normal."""
+def _validate_series(folder: Path, items: list, *, resample_tilt: bool = False):
+    """Check the series is one regular stack; return its files and IPPs sorted along the normal, and the tilt.
+
+    The tilt (degrees) is ``None`` for an untilted stack; a tilted (sheared) one is
+    refused unless ``resample_tilt``.
+    """
     names = [file.name for file, _ in items]
     orientations, positions = [], []
     for file, ds in items:
@@ -653,11 +670,12 @@ def _validate_series(folder: Path, items: list):
             )
     gantry = {float(ds.get("GantryDetectorTilt", 0) or 0) for _, ds in items}
     tilt = max(abs(g) for g in gantry)
-    if tilt > 1e-3:
+    if tilt > 1e-3 and not resample_tilt:
         raise DicomSeriesError(
             f"{folder}: the series was acquired with gantry tilt {tilt:g} deg (GantryDetectorTilt, 0018,1120), "
-            "so its slices form a sheared grid that medseg does not resample. Convert it with a tool that "
-            "corrects gantry tilt (e.g. dcm2niix) and segment the corrected NIfTI."
+            "so its slices form a sheared grid that medseg does not resample by default. Pass resample_tilt=True "
+            "(CLI: --resample-tilt) to resample it onto a regular grid, or convert it with a tool that corrects "
+            "gantry tilt (e.g. dcm2niix) and segment the corrected NIfTI."
         )
     row, col = orientations[0][:3], orientations[0][3:]
     row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
@@ -669,7 +687,7 @@ def _validate_series(folder: Path, items: list):
     files = [items[i][0] for i in order]
     positions, along = positions[order], along[order]
     if len(files) == 1:
-        return files, positions, normal
+        return files, positions, normal, None
     steps = np.diff(along)
     duplicates = np.flatnonzero(steps < DUPLICATE_TOL_MM)
     if duplicates.size:
@@ -695,16 +713,19 @@ def _validate_series(folder: Path, items: list):
     worst = float(np.max(np.linalg.norm(off_normal, axis=1)))
     if worst > DICOM_POSITION_TOL_MM:
         angle = math.degrees(math.atan2(np.linalg.norm(off_normal[-1]), along[-1] - along[0]))
+        if resample_tilt:
+            return files, positions, normal, angle
         raise DicomSeriesError(
             f"{folder}: slice positions drift off the slice normal by up to {worst:.3g} mm (about {angle:.2f} deg): "
-            "gantry tilt (0018,1120) or a sheared stack, which medseg does not resample. Convert it with a tool "
-            "that corrects gantry tilt (e.g. dcm2niix)."
+            "gantry tilt (0018,1120) or a sheared stack, which medseg does not resample by default. Pass "
+            "resample_tilt=True (CLI: --resample-tilt) to resample it onto a regular grid, or convert it with a "
+            "tool that corrects gantry tilt (e.g. dcm2niix)."
         )
-    return files, positions, normal
+    return files, positions, normal, None
 
 
 def _read_dicom_pixels(
-    folder: Path, files: list[Path], positions: np.ndarray, normal: np.ndarray, datasets: list
+    folder: Path, files: list[Path], positions: np.ndarray, normal: np.ndarray, datasets: list, *, tilted: bool = False
 ):
     import SimpleITK as sitk
 
@@ -727,6 +748,8 @@ def _read_dicom_pixels(
         )
     data = sitk.GetArrayFromImage(image).T  # (z, y, x) -> (x, y, z)
     _check_voxels(folder, data)
+    if tilted:
+        return _resample_tilted(folder, files, data, positions, normal, datasets[0], np.array(image.GetSpacing()[:2]))
     direction = np.array(image.GetDirection()).reshape(3, 3)
     spacing = np.array(image.GetSpacing(), dtype=np.float64)
     origin = np.array(image.GetOrigin(), dtype=np.float64)
@@ -750,3 +773,52 @@ def _read_dicom_pixels(
             "ImagePositionPatient; the series headers are inconsistent. Convert it with dcm2niix and check it."
         )
     return array, geometry
+
+
+def _resample_tilted(
+    folder: Path,
+    files: list[Path],
+    data: np.ndarray,
+    positions: np.ndarray,
+    normal: np.ndarray,
+    first,
+    pixel_spacing: np.ndarray,
+) -> tuple[np.ndarray, Geometry]:
+    """Remove the in-plane shifts of a gantry-tilted (sheared) stack, as dcm2niix does.
+
+    Slice ``k`` keeps its plane and its position along the slice normal; it is shifted
+    within its plane (linear interpolation) by the in-plane offset of its
+    ImagePositionPatient from the first slice's, so that the stack becomes a regular
+    grid with axes (row, column, normal). Voxels shifted in from outside the original
+    field of view get the series' minimum value (air in CT). Every slice's IPP must
+    then lie on the corrected grid at its integer slice index within
+    ``TILT_POSITION_TOL_MM``, else the series is refused.
+    """
+    from scipy import ndimage
+
+    iop = np.array([float(v) for v in first.ImageOrientationPatient])
+    row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    offsets = positions - positions[0]
+    shifts = np.column_stack([offsets @ row / pixel_spacing[0], offsets @ col / pixel_spacing[1]])
+    along = offsets @ normal
+    step = float(along[-1] / (len(along) - 1))
+    fill = float(data.min())
+    corrected = np.empty(data.shape, dtype=np.float32)
+    for k in range(data.shape[2]):
+        # output[i, j] = input[i - shift_i, j - shift_j]: slice k's pixel (i', j') lands at (i' + shift_i, j' + shift_j)
+        corrected[:, :, k] = ndimage.shift(
+            data[:, :, k].astype(np.float32), shifts[k], order=1, mode="constant", cval=fill, prefilter=False
+        )
+    affine = affine_from_lps(np.column_stack([row, col, normal]), [*pixel_spacing, step], positions[0])
+    geometry = Geometry(shape=corrected.shape, affine=affine, source="dicom")
+    # each original slice's IPP, at its in-plane shift and integer slice index, must come back from the new affine
+    index = np.column_stack([shifts, np.arange(len(positions))])
+    error = np.linalg.norm(geometry.voxel_to_world(index) - positions * np.array([-1.0, -1.0, 1.0]), axis=1)
+    worst = int(np.argmax(error))
+    if error[worst] > TILT_POSITION_TOL_MM:
+        raise DicomSeriesError(
+            f"{folder}: after resampling the gantry tilt, the ImagePositionPatient of slice {worst} ({files[worst].name}) "
+            f"is {error[worst]:.3g} mm from its place on the corrected grid (tolerance {TILT_POSITION_TOL_MM} mm): the slices are not evenly "
+            "spaced along the slice normal. Convert the series with dcm2niix and check it."
+        )
+    return corrected[np.newaxis], geometry
