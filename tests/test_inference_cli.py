@@ -106,7 +106,7 @@ def test_2d_scan_to_3d_model_exits_2_with_nothing_written(tmp_path, model, capsy
 def test_wrong_channel_count_exits_2_with_nothing_written(tmp_path, model, capsys):
     scan = _scan(tmp_path / "two.nii.gz", channels=2)
     assert main(["infer", str(scan), "-m", str(model), "-o", str(tmp_path / "out")]) == 2
-    assert "has 2 channel(s) but the model expects 1 (CT)" in _one_error_line(capsys)
+    assert "two.nii.gz: found (26, 22, 14, 2) with 2 channels; the model expects 1 channel (CT)" in _one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 

@@ -175,7 +175,9 @@ def test_model_input_checks_give_one_clear_line(tmp_path, model):
     seg = Segmenter.load(model, device="cpu")
     with pytest.raises(GeometryError, match=r"is 2D \(20, 20\) but the model expects 3D volumes"):
         seg.predict(Volume(array=np.zeros((1, 20, 20)), geometry=Geometry(shape=(20, 20), affine=np.eye(4))))
-    with pytest.raises(ScanReadError, match=r"has 2 channel\(s\) but the model expects 1 \(CT\)"):
+    with pytest.raises(
+        ScanReadError, match=r"the scan: found \(2, 10, 10, 10\) with 2 channels; the model expects 1 channel \(CT\) of 3D"
+    ):
         seg.predict((np.zeros((2, 10, 10, 10)), np.eye(4)))
 
 

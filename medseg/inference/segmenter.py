@@ -424,16 +424,26 @@ class Segmenter:
         """
         plan = self.plan
         name = volume.path.name if volume.path is not None else "the scan"
+        n = plan.image_channels
+        kind = "volumes" if plan.data_dims == 3 else "images"
+        expects = f"the model expects {n} channel{'s' if n != 1 else ''} ({', '.join(plan.channel_names)}) of {plan.data_dims}D {kind}"
         if volume.spatial_dims != plan.data_dims:
             raise GeometryError(
                 f"{name} is {volume.spatial_dims}D {volume.geometry.shape} but the model expects "
-                f"{plan.data_dims}D {'volumes' if plan.data_dims == 3 else 'images'}; pass a "
-                f"{plan.data_dims}D scan or a model trained on {volume.spatial_dims}D data."
+                f"{plan.data_dims}D {kind}; pass a {plan.data_dims}D scan or a model trained on "
+                f"{volume.spatial_dims}D data."
             )
-        if volume.num_channels != plan.image_channels:
+        if volume.num_channels != n:
+            c = volume.num_channels
+            if volume.path is not None:  # a file's own layout: channels on the last axis (NIfTI's 4th)
+                found = (*volume.geometry.shape, c) if c > 1 else tuple(volume.geometry.shape)
+            else:
+                found = tuple(volume.array.shape)  # channel-first, as given
             raise ScanReadError(
-                f"{name} has {volume.num_channels} channel(s) but the model expects {plan.image_channels} "
-                f"({', '.join(plan.channel_names)}); pass one channel per modality, in that order."
+                f"{name}: found {found} with {c} channel{'s' if c != 1 else ''}; {expects}. Pass one "
+                f"{plan.data_dims}D scan per case with one channel per modality, in that order"
+                + (" (a 4D file's 4th axis holds the channels: split a time series or multi-echo file first)."
+                   if c > n else ".")
             )
 
     def _prepare(self, scan: Any, series_uid: str | None, *, hash_pool=None) -> _Prepared:
