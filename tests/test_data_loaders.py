@@ -53,6 +53,35 @@ def test_sampler_centres_the_rare_class_at_the_configured_rate(with_locations):
     assert rare_in_patch == hits_rare  # a patch centred on the class contains it
 
 
+def test_default_plan_centres_every_present_class_equally_often(tmp_path):
+    # three classes of 12,544, 8 and 300 voxels: each is the centre of 1/3 of the foreground-forced patches
+    from medseg.data.plan import class_sampling_rule
+
+    image, label = _two_organ_case()
+    label[0, 34:37, 2:12, 2:12] = 3
+    frequencies = [float((label == c).mean()) for c in range(4)]
+    ratios = class_sampling_rule(frequencies, foreground_oversample=0.33, mode=DataConfig().class_sampling)
+    assert ratios == pytest.approx([0.67, 0.11, 0.11, 0.11])
+    sampler = RandBalancedPatchd([16, 16, 8], foreground_oversample=0.33, class_ratios=ratios)
+    sampler.set_random_state(seed=9)
+    draws = 3000
+    counts = np.bincount([sampler({"image": image, "label": label})["patch_class"] for _ in range(draws)], minlength=4)
+    # expected 0.11 each (binomial sd ~ 0.006) and 0.67 random patches
+    assert np.all(np.abs(counts[1:] / draws - 0.11) < 0.025), counts
+    assert abs(counts[0] / draws - 0.67) < 0.03
+
+
+def test_class_still_at_zero_dice_after_a_third_of_training_is_warned_about():
+    from medseg.training.monitor import zero_class_warning
+
+    dice = {"liver": 0.91, "spleen": 0.0, "stomach": 0.0, "pancreas": float("nan")}
+    assert zero_class_warning(dice, 0.2) is None  # too early to judge
+    text = zero_class_warning(dice, 0.4)
+    assert text.startswith("after 40% of the training, Dice is still 0 for 2 of 4 classes (spleen, stomach)")
+    assert "pancreas" not in text and "liver" not in text  # NaN (absent) and learned classes are not named
+    assert zero_class_warning({"liver": 0.91, "spleen": 0.02}, 0.9) is None
+
+
 def test_case_without_foreground_gets_random_padded_patches():
     sampler = RandBalancedPatchd([16, 16, 8], foreground_oversample=1.0, class_ratios=[0.0, 0.5, 0.5])
     sampler.set_random_state(seed=1)

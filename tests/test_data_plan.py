@@ -168,8 +168,14 @@ def test_any_field_can_be_pinned_by_the_config():
         make_plan(fp, Config(loss=LossConfig(class_weights=[1.0, 2.0])))
 
 
-def test_balanced_sampling_favours_the_rare_class_and_weights_too():
+def test_default_sampling_centres_each_present_class_equally():
     plan = make_plan(_fp(spacings=[[1, 1, 1]] * 2, shapes=[[64, 64, 64]] * 2))
+    assert plan.class_sampling_ratios == pytest.approx([0.67, 0.165, 0.165])
+
+
+def test_balanced_sampling_favours_the_rare_class_and_weights_too():
+    plan = make_plan(_fp(spacings=[[1, 1, 1]] * 2, shapes=[[64, 64, 64]] * 2),
+                     Config(data=DataConfig(class_sampling="balanced")))
     ratios = plan.class_sampling_ratios
     assert sum(ratios) == pytest.approx(1.0) and ratios[0] == pytest.approx(0.67)
     assert ratios[2] > ratios[1]  # 600-voxel pancreas centred more often than the 40,000-voxel liver

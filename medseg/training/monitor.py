@@ -9,7 +9,7 @@ import csv
 import io
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,9 +18,43 @@ from medseg.io.atomic import write_text_atomic
 if TYPE_CHECKING:
     import numpy as np
 
-__all__ = ["Monitor", "overlay_image"]
+__all__ = ["ZERO_DICE_AFTER", "Monitor", "overlay_image", "zero_class_warning"]
 
 LOGGER_NAME = "medseg"
+ZERO_DICE_AFTER = 1.0 / 3.0
+"""Share of the training (steps done / steps planned) after which a class still at Dice 0 is warned about."""
+
+
+def zero_class_warning(class_dice: Mapping[str, float], progress_fraction: float) -> str | None:
+    """The warning for classes that are still not learned after a third of the training, or ``None``.
+
+    Args:
+        class_dice: validation Dice per foreground class name (NaN: the class is
+            in no validation case and is not judged).
+        progress_fraction: share of the planned training done (0..1), e.g.
+            steps done / total steps.
+
+    Returns:
+        ``None`` before :data:`ZERO_DICE_AFTER` of the training or when every
+        class has a Dice above 0; otherwise one line naming the classes and what
+        to try.
+
+    Example::
+
+        >>> zero_class_warning({"liver": 0.8, "spleen": 0.0}, 0.5)[:48]
+        'after 50% of the training, Dice is still 0 for 1'
+    """
+    if progress_fraction < ZERO_DICE_AFTER:
+        return None
+    zero = [name for name, value in class_dice.items() if not math.isnan(value) and value <= 0.0]
+    if not zero:
+        return None
+    return (
+        f"after {100 * progress_fraction:.0f}% of the training, Dice is still 0 for {len(zero)} of "
+        f"{len(class_dice)} classes ({', '.join(zero)}): they are not being learned. Check that their labels are "
+        "right (`medseg check`), and give them more weight: data.class_sampling=uniform, loss.class_weights=auto, "
+        "a higher data.foreground_oversample, or a longer training."
+    )
 
 
 class Monitor:
