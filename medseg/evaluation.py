@@ -306,6 +306,7 @@ class _Settings:
     tolerance_mm: float | dict
     empty: str
     worst_distance: Any
+    surface: str
     include_background: bool
     lesion: M.LesionOptions | None
     resample_to_reference: bool
@@ -375,6 +376,7 @@ def _score_case(name: str, pred_path: Path | None, gt_path: Path, settings: _Set
             empty=settings.empty,
             worst_distance=settings.worst_distance,
             include_background=settings.include_background,
+            surface=settings.surface,
         )
         lesion_rows: list[dict] = []
         if settings.lesion is not None:
@@ -655,6 +657,7 @@ def evaluate(
     lesion: bool | M.LesionOptions = False,
     resample_to_reference: bool = False,
     missing: MissingPolicy = "error",
+    surface: M.SurfaceKind = "surfel",
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     num_workers: int | None = None,
@@ -673,6 +676,9 @@ def evaluate(
         tolerance_mm: NSD tolerance in mm, or per class ``{name: mm}``.
         empty: both-empty policy ``"nan"`` (default) or ``"one"`` (docs/metrics.md).
         worst_distance: distance for one-empty cases: ``"inf"``, ``"diagonal"`` or mm.
+        surface: surface of HD/HD95/ASSD/NSD: ``"surfel"`` (default, area-weighted
+            surface elements as DeepMind's surface-distance) or ``"voxel"`` (boundary
+            voxel centres as MONAI); see docs/metrics.md.
         include_background: also score label 0.
         lesion: add lesion-wise metrics and a per-lesion CSV (``True`` or
             :class:`medseg.metrics.LesionOptions`).
@@ -707,6 +713,7 @@ def evaluate(
     if missing not in ("error", "empty", "skip"):
         raise ConfigError(f"missing must be 'error', 'empty' or 'skip', got {missing!r}.")
     M.worst_distance_mm(worst_distance, (1,), (1.0,))  # validate early
+    M.check_surface(surface)
     label_map, file_regions = load_labels(labels)
     all_regions = {**file_regions, **{k: [int(v) for v in vs] for k, vs in (regions or {}).items()}}
     if output_dir is not None:
@@ -735,6 +742,7 @@ def evaluate(
         tolerance_mm=dict(tolerance_mm) if isinstance(tolerance_mm, Mapping) else float(tolerance_mm),
         empty=empty,
         worst_distance=worst_distance,
+        surface=surface,
         include_background=include_background,
         lesion=lesion_opts,
         resample_to_reference=resample_to_reference,
@@ -766,8 +774,8 @@ def evaluate(
                 "lesion": None if lesion_opts is None else vars(lesion_opts),
                 "resample_to_reference": resample_to_reference,
                 "missing": missing,
-                "surface": "face-connected boundary voxels, Euclidean distance between voxel centres in mm",
-                "hd95": "max of the two directed 95th percentiles",
+                "surface": surface,
+                **M.SURFACE_DEFINITIONS[surface],
                 "aggregation": "NaN excluded and counted (n_valid); inf kept (mean inf, n_inf)",
             }
         ),

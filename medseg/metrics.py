@@ -63,6 +63,7 @@ __all__ = [
     "aggregate",
     "as_label_map",
     "check_spacing",
+    "check_surface",
     "compute_scores",
     "confusion_matrix",
     "distance_scores",
@@ -395,7 +396,22 @@ class SurfaceDistances(NamedTuple):
     gt_areas: np.ndarray | None = None
 
 
-def _check_surface(surface: str) -> None:
+SURFACE_DEFINITIONS = {
+    "surfel": {
+        "surface_definition": "surface elements on the voxel-corner grid weighted by area (DeepMind surface-distance); "
+        "Euclidean distances in mm between surface points",
+        "hd95": "max of the two directed area-weighted 95th percentiles (surface-distance compute_robust_hausdorff)",
+    },
+    "voxel": {
+        "surface_definition": "face-connected boundary voxels (MONAI), Euclidean distance between voxel centres in mm",
+        "hd95": "max of the two directed 95th percentiles (linear interpolation)",
+    },
+}
+"""One-line definitions of each :data:`SurfaceKind`, recorded in evaluation reports."""
+
+
+def check_surface(surface: str) -> None:
+    """Raise :class:`ConfigError` unless ``surface`` is one of :data:`SURFACE_KINDS`."""
     if surface not in SURFACE_KINDS:
         raise ConfigError(
             f"surface must be 'surfel' (area-weighted surface elements, as DeepMind's surface-distance) "
@@ -696,7 +712,7 @@ def surface_distances(
         the other mask is empty the distances are ``inf``; an empty mask gives
         empty arrays. ``distance_scores(*surface_distances(...))`` gives the metrics.
     """
-    _check_surface(surface)
+    check_surface(surface)
     pred, gt = _check_pair(np.asarray(pred_mask) != 0, np.asarray(gt_mask) != 0)
     spacing = check_spacing(spacing, pred.ndim)
     return _class_distances(pred, gt, [1], spacing, surface)[1]
@@ -877,7 +893,7 @@ def compute_scores(
     pred, gt = _check_pair(pred, gt)
     names = resolve_metrics(metrics)
     _check_empty(empty)
-    _check_surface(surface)
+    check_surface(surface)
     lesion_opts = LesionOptions.coerce(lesion)
     if lesion_opts is not None:
         names = names + tuple(m for m in LESION_METRICS if m not in names)

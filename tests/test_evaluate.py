@@ -314,6 +314,39 @@ def test_cli_prints_a_table_and_writes_reports(cases, capsys):
     assert summary["metrics"] == ["dice", "hd95", "nsd"] and summary["settings"]["tolerance_mm"] == 2.0
 
 
+def test_surface_option_selects_surfels_by_default_and_voxels_on_request(cases, capsys):
+    """Default: area-weighted surfels (DeepMind's surface-distance); --surface voxel: MONAI's voxel centres."""
+    root, arrays = cases
+    metrics = "hd,hd95,assd,nsd"
+    for surface, args in (("surfel", []), ("voxel", ["--surface", "voxel"])):
+        out = root / f"out_{surface}"
+        cli = ["evaluate", str(root / "pred"), str(root / "gt"), "--metrics", metrics, "-o", str(out)]
+        assert main([*cli, "--workers", "0", *args]) == 0
+        summary = json.loads((out / SUMMARY_NAME).read_text())
+        assert summary["settings"]["surface"] == surface
+        assert summary["settings"]["hd95"] == M.SURFACE_DEFINITIONS[surface]["hd95"]
+        for row in read_csv(out / CSV_NAME):
+            gt, pred = arrays[row["case"]]
+            want = M.compute_scores(pred, gt, spacing=SPACING, metrics=metrics, surface=surface)
+            if row["class"] not in want:  # absent from both masks of this case
+                continue
+            for metric in metrics.split(","):
+                assert float(row[metric]) == pytest.approx(want[row["class"]][metric], rel=1e-6), (
+                    row,
+                    metric,
+                )
+        case_a = next(r for r in read_csv(out / CSV_NAME) if r["case"] == "case_a" and r["class"] == "1")
+        gt, pred = arrays["case_a"]
+        other = M.compute_scores(
+            pred, gt, spacing=SPACING, metrics="assd", surface="voxel" if surface == "surfel" else "surfel"
+        )
+        assert float(case_a["assd"]) != pytest.approx(other["1"]["assd"], rel=1e-3)  # the two really differ
+    report = evaluate(root / "pred", root / "gt", metrics="hd95", surface="voxel", num_workers=0)
+    assert report.settings["surface"] == "voxel"
+    with pytest.raises(ConfigError, match=r"surface must be 'surfel' .* or 'voxel' .*, got 'mesh'"):
+        evaluate(root / "pred", root / "gt", metrics="hd95", surface="mesh", num_workers=0)
+
+
 def test_cli_writes_into_the_prediction_folder_by_default(cases, capsys):
     root, _ = cases
     assert (

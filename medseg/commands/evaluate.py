@@ -59,6 +59,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="distance reported when one mask is empty (default: inf; diagonal = image diagonal in mm)",
     )
     parser.add_argument(
+        "--surface",
+        choices=["surfel", "voxel"],
+        default="surfel",
+        help="surface of HD, HD95, ASSD and NSD: surfel = surface elements on the voxel-corner grid weighted "
+        "by area, as DeepMind's surface-distance (default); voxel = boundary voxel centres, as MONAI",
+    )
+    parser.add_argument(
         "--region",
         action="append",
         default=[],
@@ -125,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
         tolerance_mm=_parse_tolerance(args.tolerance, ConfigError),
         empty=args.empty,
         worst_distance=_parse_worst(args.worst_distance, ConfigError),
+        surface=args.surface,
         include_background=args.include_background,
         lesion=lesion,
         resample_to_reference=args.resample_to_reference,
