@@ -11,6 +11,10 @@ Cases are matched by name: the file name without ``.nii.gz``/``.nii``/``.mha``/
 on its reference's voxel grid (checked with :meth:`Geometry.same_grid`); with
 ``resample_to_reference=True`` it is resampled (nearest neighbour) onto it.
 Metrics, units and the empty-mask policy are defined in ``docs/metrics.md``.
+With ``anonymize=True`` the reports name each case
+``case_<12 hex digits of the reference file's sha256>``
+(:func:`medseg.inference.provenance.anonymous_case_name`, the rule of
+``medseg infer --anonymize``) and hold no file or folder path.
 """
 
 from __future__ import annotations
@@ -428,6 +432,7 @@ class EvaluationReport:
         predictions_without_reference: case names only in the prediction folder.
         references_without_prediction: case names only in the reference folder.
         csv_path, summary_path, lesions_path: files written (``None`` when not written).
+        anonymized: case names are anonymous and the reports hold no path.
     """
 
     cases: list[CaseResult]
@@ -440,6 +445,7 @@ class EvaluationReport:
     csv_path: Path | None = None
     summary_path: Path | None = None
     lesions_path: Path | None = None
+    anonymized: bool = False
 
     # --- serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -455,8 +461,8 @@ class EvaluationReport:
                 "summary": self.summary,
                 "cases": {
                     c.name: {
-                        "prediction": str(c.pred_path) if c.pred_path else None,
-                        "reference": str(c.gt_path),
+                        "prediction": str(c.pred_path) if c.pred_path and not self.anonymized else None,
+                        "reference": None if self.anonymized else str(c.gt_path),
                         "notes": c.notes,
                     }
                     for c in self.cases
@@ -662,6 +668,7 @@ def evaluate(
     overwrite: bool = False,
     num_workers: int | None = None,
     progress: bool | None = None,
+    anonymize: bool = False,
 ) -> EvaluationReport:
     """Score prediction masks against reference masks (files or folders matched by case name).
 
@@ -693,6 +700,9 @@ def evaluate(
             number of CPUs, at most 4); 0 or 1 scores in this process.
         progress: show a progress bar (default: when stderr is a terminal and there
             are several cases).
+        anonymize: name cases ``case_<12 hex digits of the reference file's sha256>``
+            (:func:`medseg.inference.provenance.anonymous_case_name`) in the report and
+            its files, and write no path (settings and per-case file entries are null).
 
     Returns:
         The :class:`EvaluationReport` (with paths set when written).
@@ -720,12 +730,17 @@ def evaluate(
         _check_targets(_report_paths(Path(output_dir), lesions=lesion_opts is not None), overwrite=overwrite)
 
     matched, extra, missing_refs = match_cases(pred, gt)
+    if anonymize and extra:
+        from medseg.inference.provenance import anonymous_case_name
+
+        files = _mask_files(Path(pred), "prediction")
+        extra = sorted(anonymous_case_name(files[n]) for n in extra)
     if extra:
         warnings.warn(
             f"{len(extra)} prediction(s) have no reference and are not scored: {_examples(extra, 5)}.",
             stacklevel=2,
         )
-    if missing_refs and missing == "error":
+    if missing_refs and missing == "error":  # names the files even with anonymize: the user must find them
         raise DatasetError(
             f"{len(missing_refs)} reference case(s) have no prediction in {pred}: "
             f"{_examples([n for n, _ in missing_refs], 10)}. Predict them, or pass --missing empty "
@@ -734,6 +749,8 @@ def evaluate(
     tasks = [(n, p, g) for n, p, g in matched]
     if missing == "empty":
         tasks += [(n, None, g) for n, g in missing_refs]
+    if anonymize:
+        tasks, missing_refs = _anonymized(tasks, missing_refs)
     tasks.sort(key=lambda t: t[0])
     settings = _Settings(
         labels=label_map,
@@ -763,8 +780,9 @@ def evaluate(
         summary=summary,
         settings=_json_safe(
             {
-                "prediction": str(pred),
-                "reference": str(gt),
+                "prediction": None if anonymize else str(pred),
+                "reference": None if anonymize else str(gt),
+                "anonymized": anonymize,
                 "labels": None if label_map is None else {str(v): n for v, n in label_map.items()},
                 "regions": all_regions,
                 "empty": empty,
@@ -781,10 +799,35 @@ def evaluate(
         ),
         predictions_without_reference=extra,
         references_without_prediction=[n for n, _ in missing_refs],
+        anonymized=anonymize,
     )
     if output_dir is not None:
         report.save(output_dir, overwrite=overwrite)
     return report
+
+
+def _anonymized(
+    tasks: list[tuple[str, Path | None, Path]], missing_refs: list[tuple[str, Path]]
+) -> tuple[list[tuple[str, Path | None, Path]], list[tuple[str, Path]]]:
+    """Tasks and references without prediction renamed by ``anonymous_case_name`` of the reference file.
+
+    Raises:
+        DatasetError: two references with identical content (one anonymous name).
+    """
+    from medseg.inference.provenance import anonymous_case_name
+
+    names = {g: anonymous_case_name(g) for _n, _p, g in tasks}
+    names.update({g: names.get(g) or anonymous_case_name(g) for _n, g in missing_refs})
+    seen: dict[str, Path] = {}
+    for gt_path, name in names.items():
+        if name in seen:
+            raise DatasetError(
+                f"references {seen[name]} and {gt_path} have identical content (anonymous case name {name!r}); "
+                "keep one of them."
+            )
+        seen[name] = gt_path
+    renamed = sorted(((names[g], p, g) for _n, p, g in tasks), key=lambda t: t[0])
+    return renamed, sorted((names[g], g) for _n, g in missing_refs)
 
 
 def _class_order(

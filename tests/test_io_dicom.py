@@ -328,3 +328,25 @@ def test_tilted_slices_off_the_corrected_grid_are_refused():
     array, geometry = _resample_tilted(Path("tilted"), files, np.zeros((4, 4, 4), np.int16), regular,
                                        np.array([0.0, 0.0, 1.0]), first, np.array([1.0, 1.0]))
     assert array.shape == (1, 4, 4, 4) and geometry.spacing[2] == pytest.approx(2.0)
+
+
+def test_cli_info_and_infer_refuse_tilt_unless_resample_tilt_is_given(series_dir, tmp_path, capsys):
+    from inference_support import make_plan, save_model
+
+    from medseg.cli import main
+
+    folder = tilted_copy(series_dir, tmp_path / "tilt", count=4)
+    assert main(["info", str(folder)]) == 2
+    assert "acquired with gantry tilt 26 deg" in capsys.readouterr().err
+    assert main(["info", str(folder), "--resample-tilt"]) == 0
+    assert "shape:        (512, 512, 4) (3D)" in capsys.readouterr().out
+
+    model = save_model(tmp_path / "m", make_plan(target_spacing=(4.0, 4.0, 4.0), patch_size=(32, 32, 8)))
+    out = tmp_path / "out"
+    assert main(["infer", str(folder), "-m", str(model), "-o", str(out)]) == 2
+    assert "acquired with gantry tilt 26 deg" in capsys.readouterr().err and not out.exists()
+    assert main(["infer", str(folder), "-m", str(model), "-o", str(out), "--resample-tilt"]) == 0
+    mask = nib.load(out / "tilt_mask.nii.gz")
+    corrected = read_volume(folder, resample_tilt=True).geometry
+    assert mask.shape == corrected.shape
+    np.testing.assert_allclose(mask.affine, corrected.affine, atol=1e-4)  # the corrected grid, not the tilted one

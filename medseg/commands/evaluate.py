@@ -110,6 +110,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, metavar="N", help="parallel processes (default: CPUs, max 4)"
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing report files")
+    parser.add_argument(
+        "--anonymize",
+        action="store_true",
+        help="name cases case_<first 12 hex digits of the reference file's sha256> in the reports instead of "
+        "by file name (often a patient name or ID), and write no file or folder path into them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -140,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir=output,
         overwrite=args.overwrite,
         num_workers=args.workers,
+        anonymize=args.anonymize,
     )
     print(report.format_table())
     for label, names in (

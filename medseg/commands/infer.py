@@ -77,6 +77,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--batch-size", type=_positive, help="windows per forward pass (default: the model's)")
     parser.add_argument("--series-uid", help="the series to segment when a DICOM folder holds several")
+    parser.add_argument(
+        "--resample-tilt", action="store_true",
+        help="segment a gantry-tilted DICOM series (refused by default) after resampling it onto a regular grid; "
+        "the mask is written on that corrected grid (docs/geometry.md)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
 
 
@@ -116,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
     results = segmenter.predict_many(
         cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,
         overwrite=args.overwrite, series_uid=args.series_uid, mask_path=mask_path,
+        resample_tilt=args.resample_tilt,
     )
     for written in results:
         print(written["mask"])

@@ -22,6 +22,10 @@ HELP = "show a scan's shape, spacing, orientation, origin and intensity range"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("scan", type=Path, help="a .nii/.nii.gz/.mha/.nrrd file or a DICOM series folder")
     parser.add_argument("--series-uid", help="the series to show when a DICOM folder holds several")
+    parser.add_argument(
+        "--resample-tilt", action="store_true",
+        help="show a gantry-tilted DICOM series (refused by default) as resampled onto a regular grid",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
         if len(series) > 1 and args.series_uid is None:
             print("Pass --series-uid UID to show one series.")
             return 0
-    print(format_info(read_volume(args.scan, series_uid=args.series_uid)))
+    print(format_info(read_volume(args.scan, series_uid=args.series_uid, resample_tilt=args.resample_tilt)))
     return 0
 
 

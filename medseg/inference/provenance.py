@@ -4,7 +4,11 @@ Every ``medseg infer`` output can be traced back: :func:`make_provenance`
 records the medseg version, the model folder(s) with their weights' sha256,
 the input's sha256 (a DICOM folder hashes its files in name order) and every
 setting that changed the result. It holds no patient data: no DICOM tags, and
-paths only as the user passed them.
+paths only as the user passed them; with ``anonymize`` (:func:`anonymize_provenance`)
+no paths at all.
+
+Anonymous case names (``--anonymize`` of ``medseg infer`` and ``medseg evaluate``)
+come from :func:`anonymous_case_name`, the one naming rule both commands use.
 
 Side outputs (JSON, CSV, PNG) are written like masks, with
 :mod:`medseg.io.atomic`: into a hidden temporary file in the target folder,
@@ -23,7 +27,21 @@ from typing import Any
 from medseg.errors import OutputExistsError, OutputWriteError
 from medseg.io.atomic import write_bytes_atomic, write_json_atomic  # re-exported for older imports
 
-__all__ = ["check_output_path", "hash_input", "make_provenance", "write_bytes_atomic", "write_json_atomic"]
+__all__ = [
+    "ANONYMOUS_HASH_DIGITS",
+    "anonymize_provenance",
+    "anonymous_case_name",
+    "check_output_path",
+    "hash_input",
+    "make_provenance",
+    "write_bytes_atomic",
+    "write_json_atomic",
+]
+
+#: Hex digits of the content sha256 in an anonymous case name (48 bits: two different
+#: scans among a million share a name with probability ~0.2%; a clash is refused, never
+#: overwritten).
+ANONYMOUS_HASH_DIGITS = 12
 
 
 def hash_input(path: str | os.PathLike) -> str:
@@ -38,6 +56,31 @@ def hash_input(path: str | os.PathLike) -> str:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
+
+
+def anonymous_case_name(path: str | os.PathLike) -> str:
+    """Case name that does not reveal the input's name: ``case_`` + 12 hex digits of its content's sha256.
+
+    The hash is :func:`hash_input` of the file (or of a DICOM folder's files), the
+    same sha256 that the provenance records, so the name is stable across runs,
+    machines, copies and renames, and two inputs share a name only when their
+    content is identical. The path is deliberately not hashed: a path holds the
+    patient's name or ID, and a hash of a guessable name can be found by trying
+    names; a hash of the voxel data cannot be reversed without the scan itself.
+    """
+    return "case_" + hash_input(path)[:ANONYMOUS_HASH_DIGITS]
+
+
+def anonymize_provenance(record: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a provenance record without any path: input and model folders become ``None``.
+
+    The input and models stay identified by their sha256; ``"anonymized": true`` says so.
+    """
+    record = dict(record)
+    record["input"] = {**record.get("input", {}), "path": None}
+    record["models"] = [{**m, "path": None} for m in record.get("models", [])]
+    record["anonymized"] = True
+    return record
 
 
 def make_provenance(

@@ -395,7 +395,7 @@ class Segmenter:
         }
 
     # ----------------------------------------------------------------- stages
-    def _read(self, scan: Any, series_uid: str | None) -> Volume:
+    def _read(self, scan: Any, series_uid: str | None, resample_tilt: bool = False) -> Volume:
         if isinstance(scan, Volume):
             return scan
         if isinstance(scan, tuple):
@@ -413,7 +413,7 @@ class Segmenter:
             return Volume(array=array, geometry=Geometry(shape=array.shape[1:], affine=affine))
         from medseg.io import read_volume
 
-        return read_volume(scan, series_uid=series_uid)
+        return read_volume(scan, series_uid=series_uid, resample_tilt=resample_tilt)
 
     def check_volume(self, volume: Volume) -> None:
         """Refuse scans the model cannot segment, with one clear line.
@@ -446,14 +446,14 @@ class Segmenter:
                    if c > n else ".")
             )
 
-    def _prepare(self, scan: Any, series_uid: str | None, *, hash_pool=None) -> _Prepared:
+    def _prepare(self, scan: Any, series_uid: str | None, *, hash_pool=None, resample_tilt: bool = False) -> _Prepared:
         from medseg.data.preprocess import preprocess_case
 
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         input_hash: concurrent.futures.Future | str | None = None
         source = Path(scan) if isinstance(scan, (str, os.PathLike)) else None
-        volume = self._read(scan, series_uid)
+        volume = self._read(scan, series_uid, resample_tilt)
         timings["read_s"] = time.perf_counter() - t0
         self.check_volume(volume)
         if source is not None:
@@ -611,6 +611,7 @@ class Segmenter:
         *,
         probabilities: bool = False,
         series_uid: str | None = None,
+        resample_tilt: bool = False,
     ) -> Prediction:
         """Segment one scan.
 
@@ -621,6 +622,8 @@ class Segmenter:
                 voxel-to-RAS affine.
             probabilities: also return per-class probabilities (uint8, p * 255).
             series_uid: which series of a DICOM folder holding several.
+            resample_tilt: read a gantry-tilted DICOM series onto a regular grid
+                (:func:`~medseg.io.read_volume`); the mask is on that corrected grid.
 
         Returns:
             A :class:`Prediction` on the scan's grid.
@@ -630,7 +633,7 @@ class Segmenter:
             GeometryError: a 2D scan for a 3D model (or the reverse).
         """
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            prepared = self._prepare(scan, series_uid, hash_pool=pool)
+            prepared = self._prepare(scan, series_uid, hash_pool=pool, resample_tilt=resample_tilt)
             return self._finish(prepared, probabilities=probabilities)
 
     def write(
@@ -700,6 +703,7 @@ class Segmenter:
         series_uid: str | None = None,
         mask_path: str | os.PathLike | None = None,
         prefetch: bool = True,
+        resample_tilt: bool = False,
     ) -> list[dict[str, Path]]:
         """Segment several scans and write their outputs into ``out_dir``.
 
@@ -715,6 +719,8 @@ class Segmenter:
             probabilities, statistics, preview: side outputs to write.
             overwrite: replace existing outputs (never an input).
             series_uid: series to read from DICOM folders holding several.
+            resample_tilt: read gantry-tilted DICOM series onto a regular grid
+                (:func:`~medseg.io.read_volume`); their masks are on that corrected grid.
             mask_path: explicit mask file for a single scan.
             prefetch: read the next scan while segmenting the current one
                 (holds two scans in memory).
@@ -743,7 +749,9 @@ class Segmenter:
             writes: list[tuple[concurrent.futures.Future, int]] = []  # (write, its outputs' size bound)
 
             def read(i: int) -> concurrent.futures.Future:
-                return reader.submit(self._prepare, cases[i][0], series_uid, hash_pool=hasher)
+                return reader.submit(
+                    self._prepare, cases[i][0], series_uid, hash_pool=hasher, resample_tilt=resample_tilt
+                )
 
             # A scan is read in the reader thread only to overlap with the network on the previous
             # one; otherwise (the first scan, prefetch=False) in this thread: nothing to overlap
@@ -754,7 +762,7 @@ class Segmenter:
                 if upcoming is not None:
                     prepared = upcoming.result()
                 else:
-                    prepared = self._prepare(path, series_uid, hash_pool=hasher)
+                    prepared = self._prepare(path, series_uid, hash_pool=hasher, resample_tilt=resample_tilt)
                 upcoming = read(i + 1) if prefetch and i + 1 < len(cases) else None
                 for done, _size in writes:  # surface a failed write before going on
                     if done.done():
