@@ -4,7 +4,8 @@ Each input is a NIfTI/MetaImage/NRRD file, a DICOM series folder, or a folder
 of scans (each file, and each DICOM sub-folder, is a case). Every case gets
 OUT/<case>_mask.nii.gz on the scan's own grid (same shape, affine and NIfTI
 codes) plus <case>_provenance.json (medseg version, model and input sha256,
-settings). A DICOM folder's case name is the folder name.
+settings). A DICOM folder's case name is the folder name. With --anonymize a
+case is named case_<12 hex digits of its content's sha256> and no output holds a path.
 
 Test-time augmentation (mirroring) averages 8 passes per window in 3D (4 in 2D):
 typically a fraction of a Dice point better, 8x the network time. It is on by
@@ -83,6 +84,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "the mask is written on that corrected grid (docs/geometry.md)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+    parser.add_argument(
+        "--anonymize", action="store_true",
+        help="name outputs case_<first 12 hex digits of the input content's sha256> instead of after the input "
+        "file or folder (often a patient name or ID), and write no input or model path into any output",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -95,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.postprocess is not None:
         parse_postprocess(args.postprocess)  # fail before loading anything
-    cases = collect_inputs(args.inputs)
+    cases = collect_inputs(args.inputs, anonymize=args.anonymize)
     out = args.output
     mask_path = None
     if out.name.lower().endswith((".nii.gz", ".nii")):
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     )
     results = segmenter.predict_many(
         cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,
-        overwrite=args.overwrite, series_uid=args.series_uid, mask_path=mask_path,
+        overwrite=args.overwrite, series_uid=args.series_uid, mask_path=mask_path, anonymize=args.anonymize,
         resample_tilt=args.resample_tilt,
     )
     for written in results:

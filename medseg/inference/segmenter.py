@@ -25,7 +25,9 @@ Writing (:meth:`Segmenter.write` / :meth:`Segmenter.predict_many`) goes through
 names: ``<case>_mask.nii.gz`` and optionally ``<case>_probs.nii.gz``,
 ``<case>_stats.json``/``.csv``, ``<case>_preview.png``; ``<case>_provenance.json``
 always. A case is named after its file without extension, or after its DICOM
-folder (never after DICOM tags).
+folder (never after DICOM tags); with ``anonymize=True`` it is named
+``case_<12 hex digits of its content's sha256>`` and no sidecar holds a path
+(``medseg.inference.provenance.anonymous_case_name``).
 
 Plan-grid scores are held as float32 up to :data:`FLOAT32_SCORES_LIMIT` values
 and as float16 beyond that (halving the largest buffer of a big CT).
@@ -53,7 +55,14 @@ from medseg.errors import (
     ScanReadError,
 )
 from medseg.inference.postprocess import PostprocessSpec, parse_postprocess, postprocess
-from medseg.inference.provenance import check_output_path, hash_input, make_provenance, write_json_atomic
+from medseg.inference.provenance import (
+    anonymize_provenance,
+    anonymous_case_name,
+    check_output_path,
+    hash_input,
+    make_provenance,
+    write_json_atomic,
+)
 from medseg.io.geometry import Geometry
 from medseg.io.volume import Volume
 
@@ -71,7 +80,6 @@ __all__ = [
     "Segmenter",
     "case_name",
     "collect_inputs",
-    "declared_shape",
     "output_paths",
     "plan_outputs",
     "resolve_device",
@@ -153,12 +161,13 @@ def case_name(path: str | os.PathLike) -> str:
     return path.name
 
 
-def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]]:
+def collect_inputs(inputs: Sequence[str | os.PathLike], *, anonymize: bool = False) -> list[tuple[Path, str]]:
     """Expand ``medseg infer`` inputs into ``(path, case name)`` pairs.
 
     A file is one case. A folder holding scan files (``.nii.gz`` ...) is a folder
     of scans: each file is a case, and each sub-folder a DICOM series case. Any
-    other folder is one DICOM series, named after the folder.
+    other folder is one DICOM series, named after the folder. With ``anonymize``
+    every case is named by :func:`~medseg.inference.provenance.anonymous_case_name`.
 
     Raises:
         ScanReadError: a path does not exist, or a folder holds nothing to segment.
@@ -184,8 +193,20 @@ def collect_inputs(inputs: Sequence[str | os.PathLike]) -> list[tuple[Path, str]
             if not subdirs:
                 raise ScanReadError(f"input folder {path} is empty: expected scans or a DICOM series.")
             cases.extend((p, case_name(p)) for p in subdirs)
+    return _named(cases, anonymize=anonymize)
+
+
+def _named(cases: list[tuple[Path, str]], *, anonymize: bool) -> list[tuple[Path, str]]:
+    """Cases with anonymous names if asked; refuse two cases with one name (one output file)."""
+    if anonymize:
+        cases = [(path, anonymous_case_name(path)) for path, _name in cases]
     seen: dict[str, Path] = {}
     for path, name in cases:
+        if name in seen and anonymize:
+            raise ConfigError(
+                f"inputs {seen[name]} and {path} have identical content (anonymous case name {name!r}); "
+                "segment only one of them."
+            )
         if name in seen:
             raise ConfigError(
                 f"inputs {seen[name]} and {path} both give case name {name!r} (output {name}_mask.nii.gz); "
@@ -643,11 +664,15 @@ class Segmenter:
         *,
         volume: Volume | None = None,
         overwrite: bool = False,
+        anonymize: bool = False,
     ) -> dict[str, Path]:
         """Write a prediction's outputs (kinds as in :func:`output_paths`); returns what was written.
 
         The mask is written with ``medseg.io.write_mask`` (atomic, geometry
-        checked). ``volume`` (the scan) is needed for the preview.
+        checked). ``volume`` (the scan) is needed for the preview. ``anonymize``
+        writes the provenance without input and model paths
+        (:func:`~medseg.inference.provenance.anonymize_provenance`); the other
+        outputs hold no path, only the case name of ``paths``.
         """
         from medseg.io import write_mask, write_volume
 
@@ -685,7 +710,7 @@ class Segmenter:
                 labels=prediction.labels, title=title, overwrite=overwrite,
             )
         if "provenance" in paths:
-            record = dict(prediction.provenance)
+            record = anonymize_provenance(prediction.provenance) if anonymize else dict(prediction.provenance)
             record["outputs"] = {k: p.name for k, p in written.items()}
             record["timings_s"] = {k: round(v, 4) for k, v in prediction.timings.items()}
             written["provenance"] = write_json_atomic(record, paths["provenance"], overwrite=overwrite)
@@ -703,6 +728,7 @@ class Segmenter:
         series_uid: str | None = None,
         mask_path: str | os.PathLike | None = None,
         prefetch: bool = True,
+        anonymize: bool = False,
         resample_tilt: bool = False,
     ) -> list[dict[str, Path]]:
         """Segment several scans and write their outputs into ``out_dir``.
@@ -724,11 +750,17 @@ class Segmenter:
             mask_path: explicit mask file for a single scan.
             prefetch: read the next scan while segmenting the current one
                 (holds two scans in memory).
+            anonymize: name every case ``case_<12 hex digits of its content's sha256>``
+                (:func:`~medseg.inference.provenance.anonymous_case_name`; names given
+                in ``(path, name)`` pairs are replaced) and write no input or model
+                path into any output.
 
         Returns:
             Per case, output kind -> path written.
         """
         cases = [(Path(s[0]), s[1]) if isinstance(s, tuple) else (Path(s), case_name(s)) for s in scans]
+        if anonymize:
+            cases = _named(cases, anonymize=True)
         plans = plan_outputs(
             cases, out_dir, probabilities=probabilities, statistics=statistics, preview=preview,
             overwrite=overwrite, mask_path=mask_path,
@@ -738,7 +770,7 @@ class Segmenter:
         for folder in sorted({paths["mask"].parent for paths in plans}):
             _check_output_dir(folder)  # before any compute: an unusable -o fails at once
         for (path, _name), paths in zip(cases, plans):  # before any scan is read: shapes from the headers
-            shape = declared_shape(path, self.plan.data_dims)
+            shape = _declared_shape(path, self.plan.data_dims)
             if shape is not None:
                 self.check_free_space(paths, shape)
         with (
@@ -773,13 +805,15 @@ class Segmenter:
                 log.info("segmenting %s (%d/%d)", name, i + 1, len(cases))
                 prediction = self._finish(prepared, probabilities=probabilities)
                 _make_output_dir(plans[i]["mask"].parent)
-                write = writer.submit(self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite)
+                write = writer.submit(
+                    self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite, anonymize=anonymize
+                )
                 writes.append((write, sum(self.output_bytes(plans[i], shape).values())))
                 del prepared, prediction
             return [f.result() for f, _size in writes]
 
 
-def declared_shape(path: Path, data_dims: int) -> tuple[int, ...] | None:
+def _declared_shape(path: Path, data_dims: int) -> tuple[int, ...] | None:
     """Spatial shape a scan file's header declares, without reading its voxels (None: not known).
 
     NIfTI headers are read with nibabel, MetaImage/NRRD headers with SimpleITK;
