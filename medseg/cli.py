@@ -3,8 +3,9 @@
 Each sub-command lives in ``medseg/commands/<name>.py`` with ``HELP``,
 ``add_arguments(parser)`` and ``run(args) -> int``; modules there must not
 import torch at import time, so ``medseg --help`` and ``--version`` start fast.
-A :class:`~medseg.errors.MedsegError` is printed as one line and exits 2
-(``--debug`` shows the traceback).
+A :class:`~medseg.errors.MedsegError`, and a ``PermissionError`` (a file of
+another user), is printed as one line naming the file and exits 2 (``--debug``
+shows the traceback).
 """
 
 from __future__ import annotations
@@ -70,9 +71,23 @@ def main(argv: list[str] | None = None) -> int:
         more = f" (+{len(lines) - 1} lines: rerun with --debug)" if len(lines) > 1 else ""
         print(f"medseg {args.command}: {type(err).__name__}: {lines[0]}{more}", file=sys.stderr)
         return 2
+    except PermissionError as err:  # a file or folder of another user: one line naming it, not a traceback
+        if args.debug:
+            raise
+        print(f"medseg {args.command}: {permission_message(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"medseg {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def permission_message(err: PermissionError) -> str:
+    """One line for a :class:`PermissionError` that no medseg check turned into a :class:`MedsegError`."""
+    name = err.filename if err.filename is not None else "a file or folder"
+    return (
+        f"PermissionError: cannot access {name}: permission denied. Check its owner and mode (ls -l), "
+        "make it readable/writable for you, or choose another file or folder."
+    )
 
 
 if __name__ == "__main__":

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -98,54 +97,73 @@ def test_model_folder_files_share_one_mode_that_honours_the_umask(tmp_path, umas
     assert model.stat().st_mode & 0o777 == 0o777 & ~umask
 
 
-@pytest.fixture
-def shared_folder():
-    """A folder that another user may enter (pytest's tmp_path is private to its owner)."""
-    folder = Path(tempfile.mkdtemp(prefix="medseg-perm-"))
-    folder.chmod(0o777)
-    yield folder
-    shutil.rmtree(folder)
+def _without_file_permission_override() -> None:
+    """In the child: drop root's CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH, so file modes apply to it."""
+    if os.geteuid() == 0:
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH; PR_CAPBSET_DROP = 24, effective after exec
+            if libc.prctl(24, cap, 0, 0, 0) != 0:
+                raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
-def as_other_user(code: str, home: Path) -> subprocess.CompletedProcess:
-    """Run Python code as another user (``nobody`` when the tests run as root, else as this user)."""
-
-    def drop() -> None:
-        if os.geteuid() == 0:
-            os.setgroups([])
-            os.setgid(65534)
-            os.setuid(65534)
-
-    env = {**os.environ, "HOME": str(home), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
+def as_another_user(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run Python code in a process that file permissions apply to (root loses its override)."""
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'tests'}"}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          preexec_fn=drop, env=env, cwd=home)
+                          preexec_fn=_without_file_permission_override, env=env, cwd=cwd)
 
 
-def test_another_user_can_load_a_model_folder(shared_folder):
+@pytest.fixture
+def permissions_apply(tmp_path):
+    """Skip where a child process still reads a file of mode 0 (root without the right to drop capabilities)."""
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    try:
+        result = as_another_user(f"open({str(probe)!r}).read()", tmp_path)
+    except OSError as err:
+        pytest.skip(f"cannot drop file-permission capabilities here ({err})")
+    probe.unlink()
+    if result.returncode == 0:
+        pytest.skip("file permissions do not apply to a child process here")
+
+
+def test_another_user_can_load_a_model_folder(tmp_path, permissions_apply):
     if os.geteuid() != 0:
-        pytest.skip("needs root to act as another user")
+        pytest.skip("needs root to hand the model folder to another user")
     old = os.umask(0o022)
     try:
-        model = save_model(shared_folder / "model", make_plan())
+        model = save_model(tmp_path / "model", make_plan())
     finally:
         os.umask(old)
-    result = as_other_user(
+    for path in [model, *model.iterdir()]:
+        os.chown(path, 65534, 65534)  # the folder now belongs to another user; this process reads as "others"
+    result = as_another_user(
         "import inference_support\nfrom medseg.training.model_folder import load_model_folder\n"
-        f"print(load_model_folder({str(model)!r}).model_name)", shared_folder)
+        f"print(load_model_folder({str(model)!r}).model_name)", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "test_threshold"
 
 
 @pytest.mark.parametrize("unreadable", ["weights.safetensors", "model.json"])
-def test_an_unreadable_model_file_is_one_line_naming_it(shared_folder, unreadable):
-    model = save_model(shared_folder / "model", make_plan())
+def test_an_unreadable_model_file_is_one_line_naming_it(tmp_path, permissions_apply, unreadable):
+    model = save_model(tmp_path / "model", make_plan())
     (model / unreadable).chmod(0)
-    result = as_other_user(
+    result = as_another_user(
         "import sys, inference_support\nfrom medseg.cli import main\n"
-        f"sys.exit(main(['export', {str(model)!r}, '--format', 'torchscript', '-o', 'out']))", shared_folder)
+        f"sys.exit(main(['export', {str(model)!r}, '--format', 'torchscript', '-o', 'out']))", tmp_path)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert f"cannot read {model / unreadable}: permission denied" in lines[0]
+
+
+def test_any_permission_error_in_the_cli_is_one_line_naming_the_file(tmp_path, permissions_apply):
+    (tmp_path / "locked").mkdir(mode=0o555)  # a folder this user may not write into
+    result = as_another_user(
+        "import sys\nfrom medseg.cli import main\nsys.exit(main(['demo', '-o', 'locked/demo']))", tmp_path)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert "locked/demo" in lines[0] and "ermission denied" in lines[0]
 
 
 def test_unreadable_weights_raise_a_checkpoint_error_in_python(tmp_path):

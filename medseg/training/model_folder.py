@@ -165,10 +165,23 @@ def save_model_folder(
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
+    try:
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as err:
+        raise _cannot_read(path, err) from err
     return h.hexdigest()
+
+
+def _cannot_read(path: Path, err: OSError) -> CheckpointError:
+    """A model file that exists but cannot be read (e.g. another user's private file)."""
+    if isinstance(err, PermissionError):
+        return CheckpointError(
+            f"cannot read {path}: permission denied; ask its owner to make the model folder readable "
+            f"(chmod -R a+rX {path.parent}) or copy it to a folder of yours."
+        )
+    return CheckpointError(f"cannot read {path} ({err.strerror or err}); copy the model folder again.")
 
 
 # --------------------------------------------------------------------------- reading
@@ -213,6 +226,8 @@ def read_model_json(model_dir: str | Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
+    except PermissionError as err:
+        raise _cannot_read(path, err) from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"model file {path} is corrupt ({err}); re-export or re-train the model.") from err
     if not isinstance(meta, dict):
