@@ -32,7 +32,7 @@ from typing import Literal
 import numpy as np
 
 from medseg.errors import CheckpointError, ConfigError, OutputExistsError
-from medseg.io.atomic import atomic_dir, refuse_output_over_inputs
+from medseg.io.atomic import atomic_dir, check_folder_replaceable, refuse_output_over_inputs
 
 __all__ = ["EXPORT_FILES", "export_model", "run_exported"]
 
@@ -110,10 +110,11 @@ def export_model(
     refuse_output_over_inputs(out_dir, {"model folder": dirs[0]}, what="export folder")
     if out_dir.exists() and not overwrite:
         raise OutputExistsError(f"export folder {out_dir} exists; pass --overwrite to replace it.")
+    owned = [*EXPORT_FILES.values(), "plan.json", "export.json"]  # an earlier export of either format
+    check_folder_replaceable(out_dir, owned)  # before the work; atomic_dir checks again before its swap
     loaded = load_model_folder(dirs[0], device="cpu")
     model, plan = loaded.model.eval(), loaded.plan
     example = _example_input(plan)
-    owned = [*EXPORT_FILES.values(), "plan.json", "export.json"]  # an earlier export of either format
     with atomic_dir(out_dir, overwrite=overwrite, also_replaces=owned) as tmp:
         target = tmp / EXPORT_FILES[format]
         try:

@@ -57,6 +57,7 @@ __all__ = [
     "STALE_TEMP_SECONDS",
     "atomic_dir",
     "atomic_path",
+    "check_folder_replaceable",
     "clean_stale_temps",
     "dir_mode",
     "file_mode",
@@ -351,8 +352,9 @@ def _create_temp(target: Path, *, kind: str = "tmp") -> Path:
 
 
 def _clean_once(folder: Path) -> None:
+    """:func:`clean_stale_temps` on ``folder`` the first time this process writes there."""
     key = os.path.realpath(folder)
-    if key not in _cleaned:
+    if key not in _cleaned and os.path.isdir(key):
         _cleaned.add(key)
         clean_stale_temps(folder)
 
@@ -493,13 +495,27 @@ def _swap_dir(temp: Path, target: Path, *, overwrite: bool, also_replaces: Itera
 
 def _check_replaceable(target: Path, temp: Path, also_replaces: Iterable[str] = ()) -> None:
     """Refuse to replace ``target`` unless it holds only entries the new folder ``temp`` also has."""
+    check_folder_replaceable(target, [*_entries(temp), *also_replaces])
+
+
+def check_folder_replaceable(target: str | os.PathLike, owned: Iterable[str]) -> None:
+    """Refuse to replace an existing ``target`` folder that holds entries other than ``owned`` (relative paths).
+
+    :func:`atomic_dir` runs this just before its swap; a command may run it first
+    to fail before its work. A missing ``target`` passes.
+
+    Raises:
+        OutputExistsError: ``target`` is a file or link, or holds other entries (a few are named).
+    """
+    target = Path(target)
+    if not os.path.lexists(target):
+        return
     if target.is_symlink() or not target.is_dir():
         raise OutputExistsError(
             f"{target} exists and is a {'symbolic link' if target.is_symlink() else 'file'}, not a folder medseg "
             "wrote; it was left as it is. Remove it yourself or choose another name."
         )
-    owned = _entries(temp) | {Path(p).as_posix() for p in also_replaces}
-    unrelated = sorted(_entries(target) - owned)
+    unrelated = sorted(_entries(target) - {Path(p).as_posix() for p in owned})
     if unrelated:
         shown = ", ".join(unrelated[:5]) + (f", ... (+{len(unrelated) - 5} more)" if len(unrelated) > 5 else "")
         raise OutputExistsError(
