@@ -79,6 +79,31 @@ def test_enhanced_spleen_stays_apart_from_liver_only_with_the_contrast_robust_wi
     assert np.all(np.diff(robust.ravel()) > 0)
 
 
+def test_contrast_robust_keeps_nnunets_soft_tissue_contrast_inside_the_knee_and_compresses_outside():
+    fp = _fingerprint(_non_contrast_foreground())
+    robust = make_plan(fp).normalization[0]
+    nnunet = make_plan(fp, Config(data=DataConfig(ct_clip="foreground_percentiles"))).normalization[0]
+    assert robust.knee == pytest.approx(nnunet.clip)
+    soft = np.linspace(robust.knee[0] + 1, robust.knee[1] - 1, 50, dtype=np.float32)  # inside the percentile window
+    assert np.allclose(robust.hu_to_units(soft), nnunet.hu_to_units(soft), atol=1e-5)
+    # outside: still increasing, and each side spans at most CT_SHOULDER_UNITS units
+    from medseg.data.plan import CT_SHOULDER_UNITS
+
+    bright = np.linspace(80.0, 500.0, 50, dtype=np.float32)
+    units = robust.hu_to_units(bright)
+    assert np.all(np.diff(units) > 0)
+    assert units[-1] - robust.hu_to_units(np.float32(robust.knee[1])) <= CT_SHOULDER_UNITS + 1e-4
+    assert robust.shoulder == pytest.approx((500.0 - robust.knee[1]) / (CT_SHOULDER_UNITS * robust.std))
+
+
+def test_hu_to_units_and_back_is_the_identity_inside_the_clip():
+    norm = ChannelNorm(scheme="ct", clip=(-245.0, 500.0), mean=40.0, std=50.0, clip_rule="contrast_robust",
+                       knee=(-100.0, 78.0), shoulder=4.2)
+    hu = np.linspace(-245.0, 500.0, 200, dtype=np.float32)
+    assert np.allclose(norm.units_to_hu(norm.hu_to_units(hu)), hu, atol=1e-3)
+    assert norm.units_to_hu(norm.hu_to_units(np.float32(900.0))) == pytest.approx(500.0)
+
+
 def test_window_rule_is_recorded_in_plan_json(tmp_path):
     plan = make_plan(_fingerprint(_non_contrast_foreground()))
     save_plan(plan, tmp_path / "plan.json")

@@ -13,7 +13,14 @@ import medseg
 from medseg.cli import main
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import ConfigError, TrainingError
-from medseg.training.budget import MIN_STEPS, format_duration, parse_duration, plan_budget
+from medseg.training.budget import (
+    MIN_STEPS,
+    MIN_STEPS_3D,
+    choose_configuration,
+    format_duration,
+    parse_duration,
+    plan_budget,
+)
 from medseg.training.checkpoint import load_checkpoint
 from medseg.training.model_folder import load_model_folder
 
@@ -127,6 +134,7 @@ def test_resume_counts_the_time_already_spent(phantoms, tmp_path, caplog):
     out = tmp_path / "run"
     medseg.train(phantoms, None, output_dir=out, overrides=[*FAST, "train.time_budget=15s"])
     spent, steps = _elapsed(out)
+    assert spent <= 15.0 + 2.0
     # the same budget again: nothing is left of it, so no step is taken
     medseg.train(phantoms, None, output_dir=out, resume=True, overrides=["train.time_budget=15s"])
     spent_again, steps_again = _elapsed(out)
@@ -138,3 +146,33 @@ def test_resume_counts_the_time_already_spent(phantoms, tmp_path, caplog):
     assert steps_more > steps
     assert spent_again < spent_more <= 30.0 + 2.0
     assert any("already spent" in r.getMessage() for r in caplog.records)
+
+
+def test_choose_configuration_keeps_3d_only_when_the_budget_trains_it_enough():
+    gpu = choose_configuration(4 * 3600, step_s_3d=0.3, step_s_2d=0.05)
+    assert (gpu.spatial_dims, gpu.slice_context) == (3, 0) and gpu.reason.startswith("3D: the budget 4h gives")
+    cpu = choose_configuration(25 * 60, step_s_3d=3.0, step_s_2d=0.3)
+    assert (cpu.spatial_dims, cpu.slice_context) == (2, 1)
+    assert cpu.reason.startswith("2.5D (3 slices as channels): the budget 25m gives the 3D network only ~440 steps")
+    # the threshold itself
+    just = MIN_STEPS_3D / (1 - 0.12)
+    assert choose_configuration(just, step_s_3d=1.0, step_s_2d=0.1).spatial_dims == 3
+    assert choose_configuration(just * 0.99, step_s_3d=1.0, step_s_2d=0.1).spatial_dims == 2
+
+
+@pytest.mark.slow
+def test_a_budget_picks_the_configuration_and_records_why_in_the_plan(phantoms, tmp_path):
+    from medseg.data.plan import load_plan
+
+    free = [o for o in FAST if not o.startswith(("data.patch_size", "data.spatial_dims"))]
+    run = medseg.train(phantoms, None, output_dir=tmp_path / "auto",
+                       overrides=[*free, "data.memory_budget_gb=0.05", "train.time_budget=15s"])
+    plan = load_plan(run.run_dir / "plan.json")
+    assert (plan.spatial_dims, plan.slice_context, plan.in_channels) == (2, 1, 3)
+    assert plan.configuration.startswith("2.5D (3 slices as channels): the budget 15s gives the 3D network only")
+    # pinned by the user: no choice is made
+    pinned = medseg.train(phantoms, None, output_dir=tmp_path / "pinned",
+                          overrides=[*free, "data.memory_budget_gb=0.05", "train.time_budget=15s",
+                                     "data.spatial_dims=3"])
+    plan3d = load_plan(pinned.run_dir / "plan.json")
+    assert plan3d.spatial_dims == 3 and plan3d.configuration == ""

@@ -283,20 +283,13 @@ def normalize(image: np.ndarray, norms: Sequence[ChannelNorm]) -> tuple[np.ndarr
     stats: list[dict[str, float]] = []
     for c, norm in enumerate(norms):
         if norm.scheme == "ct":
-            lo, hi = norm.clip if norm.clip is not None else (-np.inf, np.inf)
-            mean = np.float32(norm.mean if norm.mean is not None else 0.0)
-            std = np.float32(max(float(norm.std if norm.std is not None else 1.0), _EPS))
-            # in place, about 1 M voxels at a time along the slowest axis: no full-size temporaries
+            # about 1 M voxels at a time along the slowest axis: no full-size temporaries
             src, dst = image[c], out[c]
             slow = int(np.argmax([abs(st) for st in src.strides]))
             rows = max(1, (1 << 20) // max(1, src.size // max(1, src.shape[slow])))
             for r0 in range(0, src.shape[slow], rows):
                 index = tuple(slice(r0, r0 + rows) if a == slow else slice(None) for a in range(src.ndim))
-                y = dst[index]
-                y[...] = src[index]
-                np.clip(y, np.float32(lo), np.float32(hi), out=y)
-                np.subtract(y, mean, out=y)
-                np.divide(y, std, out=y)
+                dst[index] = norm.hu_to_units(src[index])
             stats.append({})
             continue
         x = image[c].astype(np.float32, copy=False)

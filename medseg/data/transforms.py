@@ -184,15 +184,9 @@ class RandBalancedPatchd(Randomizable, MapTransform):
         return stacked.reshape(array.shape[0] * (2 * context + 1), *self.patch_size)
 
 
-def _ct_channels(norms: Sequence[ChannelNorm | None]) -> list[tuple[int, float, float, float]]:
-    """``(channel, mean, std, clip_hu or inf)`` per input channel that holds CT normalised by the plan."""
-    out = []
-    for c, norm in enumerate(norms):
-        if norm is not None and norm.scheme == "ct":
-            mean = float(norm.mean if norm.mean is not None else 0.0)
-            std = float(norm.std if norm.std is not None else 1.0)
-            out.append((c, mean, max(std, 1e-8), norm.clip))
-    return out
+def _ct_channels(norms: Sequence[ChannelNorm | None]) -> list[tuple[int, ChannelNorm]]:
+    """``(channel, norm)`` per input channel that holds CT normalised by the plan."""
+    return [(c, norm) for c, norm in enumerate(norms) if norm is not None and norm.scheme == "ct"]
 
 
 def _with_values(image: Any, values: np.ndarray) -> Any:
@@ -217,8 +211,8 @@ class RandLabelIntensityOffsetd(RandomizableTransform, MapTransform):
 
     With probability ``prob``, every foreground class index ``k`` (``1..num_classes-1``)
     draws an offset ``o_k`` uniformly from ``offset_range_hu`` and every voxel of
-    that class in the label map gets ``o_k / std`` added in each CT channel
-    (``std`` of the channel's :class:`ChannelNorm`, so the offset is in HU).
+    that class in the label map gets ``o_k`` HU added in each CT channel
+    (through the channel's :class:`ChannelNorm`, so the offset is in HU).
     Background, the ignore index and non-CT channels are unchanged. Voxels at a
     bound of the plan's clip window (gas, dense bone: they do not enhance) are
     left as they are, and the result is clipped to the window again. With
@@ -283,13 +277,13 @@ class RandLabelIntensityOffsetd(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             values = _as_array(image).astype(np.float32, copy=True)
-            for c, mean, std, clip in self.channels:
+            for c, norm in self.channels:
                 x = values[c]
-                lo, hi = clip if clip is not None else (-np.inf, np.inf)
-                lo_n, hi_n = (lo - mean) / std, (hi - mean) / std
-                eps = 1e-4
-                inside = (x > lo_n + eps) & (x < hi_n - eps)
-                values[c] = np.clip(np.where(inside, x + offset_map / std, x), lo_n, hi_n)
+                lo, hi = norm.clip if norm.clip is not None else (-np.inf, np.inf)
+                hu = norm.units_to_hu(x)
+                eps = 1e-2  # HU
+                inside = (hu > lo + eps) & (hu < hi - eps) & (offset_map != 0)
+                values[c] = np.where(inside, norm.hu_to_units(hu + offset_map), x)
             d[key] = _with_values(image, values)
         return d
 
@@ -345,13 +339,12 @@ class RandCTIntensityd(RandomizableTransform, MapTransform):
         for key in self.key_iterator(d):
             image = d[key]
             values = _as_array(image).astype(np.float32, copy=True)
-            for c, mean, std, clip in self.channels:
-                lo, hi = clip if clip is not None else (-np.inf, np.inf)
-                hu = np.clip(values[c] * std + mean, lo, hi) * self._scale + self._shift
-                hu = np.clip(hu, lo, hi)
+            for c, norm in self.channels:
+                lo, hi = norm.clip if norm.clip is not None else (-np.inf, np.inf)
+                hu = np.clip(norm.units_to_hu(values[c]) * self._scale + self._shift, lo, hi)
                 if self._noise > 0:
                     hu = hu + self.R.standard_normal(hu.shape).astype(np.float32) * self._noise
-                values[c] = (hu - mean) / std
+                values[c] = norm.hu_to_units(hu)
             d[key] = _with_values(image, values)
         return d
 

@@ -275,10 +275,7 @@ def body_mask_from_image(image: np.ndarray | torch.Tensor, plan: Plan) -> np.nda
         channel = arr[c]
         norm = norms[c] if c < len(norms) else None
         if norm is not None and norm.scheme == "ct" and norm.std:
-            hu = CT_BODY_THRESHOLD_HU
-            if norm.clip is not None:
-                hu = min(max(hu, norm.clip[0]), norm.clip[1])
-            threshold = (hu - (norm.mean or 0.0)) / norm.std
+            threshold = float(norm.hu_to_units(CT_BODY_THRESHOLD_HU))
             # tolerance for float32 rounding of values sitting exactly at the clip
             body |= channel > threshold + 1e-4 * max(1.0, abs(threshold))
         elif norm is not None and norm.scheme == "zscore" and norm.use_nonzero_mask:

@@ -55,6 +55,7 @@ RANK_SEED_STRIDE = 1_000_003
 # fields that may differ between a run and its --resume (they do not change what is trained)
 RESUMABLE_CHANGES = {
     "train.max_epochs",
+    "train.time_budget",
     "train.device",
     "train.num_threads",
     "train.early_stopping_patience",
@@ -200,6 +201,7 @@ def train(
         TrainingError: the loss became NaN/Inf.
     """
     from medseg.data.folders import scan_dataset
+    from medseg.training.budget import format_duration, parse_duration
     from medseg.training.distributed import (
         barrier,
         configure_determinism,
@@ -233,6 +235,10 @@ def train(
         cfg = given
     if run_dir is not None:  # before anything is written
         _check_run_dir(run_dir, dataset_dir, cfg, fold_list, init_from=init_from)
+    budget_s = parse_duration(cfg.train.time_budget)  # a bad value is refused before anything runs
+    if budget_s is not None:
+        log.info("time budget %s per fold (%d fold%s)", format_duration(budget_s), len(fold_list),
+                 "" if len(fold_list) == 1 else "s")
 
     info = dist_info_from_env()
     device = resolve_device(cfg.train.device, local_rank=info.local_rank)
@@ -360,6 +366,11 @@ def _plan(
         saved = load_plan(run_dir / "plan.json")
         if resume:
             return saved, None
+        if saved.configuration:  # more folds of a run whose configuration a time budget chose: keep it
+            pinned = dataclasses.replace(
+                cfg.data, spatial_dims=saved.spatial_dims, slice_context=saved.slice_context
+            )
+            cfg = dataclasses.replace(cfg, data=pinned)
         fresh, fingerprint = _make_plan(index, cfg, device_type)
         diffs = saved.diff(fresh)
         if diffs:
@@ -374,16 +385,49 @@ def _plan(
 def _make_plan(index: DatasetIndex, cfg: Config, device_type: str) -> tuple[Plan, Any]:
     from medseg.data.fingerprint import compute_fingerprint
     from medseg.data.plan import make_plan
+    from medseg.training.budget import parse_duration
 
     log.info("fingerprinting %d cases ...", len(index.cases))
     fingerprint = compute_fingerprint(index, ignore_label=cfg.loss.ignore_label)
     plan = make_plan(fingerprint, cfg, device_type=device_type)
+    budget_s = parse_duration(cfg.train.time_budget)
+    if budget_s is not None and cfg.data.spatial_dims is None and plan.spatial_dims == 3:
+        plan = _choose_configuration(fingerprint, cfg, plan, budget_s, device_type)
     log.info(
         "plan: %dD, spacing %s mm, patch %s, batch %d, %d classes (%s)",
         plan.spatial_dims, [round(s, 3) for s in plan.target_spacing], plan.patch_size, plan.batch_size,
         plan.num_classes, ", ".join(plan.label_names),
     )
     return plan, fingerprint
+
+
+def _choose_configuration(fingerprint: Any, cfg: Config, plan3d: Plan, budget_s: float, device_type: str) -> Plan:
+    """3D or 2.5D, whichever the budget trains better (rule: medseg.training.budget.choose_configuration)."""
+    import torch
+
+    from medseg.data.plan import make_plan
+    from medseg.losses import build_loss
+    from medseg.models import create_model_from_plan
+    from medseg.training.budget import choose_configuration, time_training_step
+
+    context = cfg.data.slice_context or 1
+    cfg2d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spatial_dims=2, slice_context=context))
+    plan2d = make_plan(fingerprint, cfg2d, device_type=device_type)
+    options = {**cfg.model.options, "deep_supervision": cfg.model.deep_supervision}
+    device = torch.device(device_type)
+    seconds = []
+    for candidate in (plan3d, plan2d):
+        torch.manual_seed(0)
+        model = create_model_from_plan(cfg.model.name, candidate, **options)
+        seconds.append(time_training_step(
+            model, build_loss(cfg.loss, candidate), batch_size=candidate.batch_size,
+            in_channels=candidate.in_channels, patch_size=candidate.patch_size,
+            num_classes=candidate.num_classes, device=device,
+        ))
+        del model
+    choice = choose_configuration(budget_s, step_s_3d=seconds[0], step_s_2d=seconds[1], slice_context=context)
+    log.info("configuration: %s", choice.reason)
+    return dataclasses.replace(plan3d if choice.spatial_dims == 3 else plan2d, configuration=choice.reason)
 
 
 def _splits(index: DatasetIndex, cfg: Config, run_dir: Path, *, resume: bool) -> list[dict[str, list[str]]]:
