@@ -34,9 +34,12 @@ Arms, each trained with ``medseg train --fold all --time-budget BUDGET`` in its 
 
 * **medseg**: the default recipe (contrast-robust CT window, HU-scale and per-structure
   intensity augmentation, uniform class sampling, the budget's 3D/2.5D choice).
-* **nnU-Net recipe**: the same budget with nnU-Net's choices: the clip window at the
+* **nnunet_recipe**: the same budget with nnU-Net's choices: the clip window at the
   training foreground's 0.5/99.5 percentiles, no HU-scale or per-structure augmentation,
   and the 3D configuration nnU-Net plans for this data (no budget-driven choice).
+* **nnunet_intensity** (optional, ``--arms``): medseg's budget-driven configuration with
+  nnU-Net's intensity handling (percentile clip, no HU-scale or per-structure augmentation):
+  isolates what the contrast-robust window and augmentation do under a contrast shift.
 
 Printed: per class Dice and HD95 (mm) on the held-out third, Dice under each contrast
 shift, Dice on the training thirds (resubstitution), plus each arm's steps and configuration.
@@ -70,6 +73,11 @@ ARMS = {
         "augment.ct_intensity_prob=0",
         "augment.label_intensity_prob=0",
         "data.spatial_dims=3",
+    ],
+    "nnunet_intensity": [  # medseg's configuration choice, nnU-Net's intensity handling: isolates section 3
+        "data.ct_clip=foreground_percentiles",
+        "augment.ct_intensity_prob=0",
+        "augment.label_intensity_prob=0",
     ],
 }
 THIRDS = {"lower": (0, 10), "middle": (10, 20), "upper": (20, 30)}
@@ -202,7 +210,7 @@ def print_table(results: dict, budget: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget", default="25m", help="training budget per arm (default 25m)")
-    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
+    parser.add_argument("--arms", default="medseg,nnunet_recipe", help=f"comma-separated, of {', '.join(ARMS)}")
     parser.add_argument("--work", default=str(ROOT / "benchmarks_output" / "accuracy"), help="work folder")
     parser.add_argument("--score-only", action="store_true", help="score runs already trained in --work")
     args = parser.parse_args()

@@ -96,6 +96,12 @@ class DataConfig:
     )
     num_workers: int | None = _doc("Data loader worker processes; null: chosen from the CPU count.", None)
     check_dataset: bool = _doc("Run `medseg check` before training and stop on problems.", True)
+    resample_tilt: bool = _doc(
+        "Resample DICOM series acquired with gantry tilt onto a regular grid perpendicular to the table "
+        "(as dcm2niix does; labels must then lie on that corrected grid) instead of refusing them "
+        "(docs/geometry.md).",
+        False,
+    )
 
 
 @dataclass(frozen=True, kw_only=True)

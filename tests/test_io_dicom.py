@@ -350,3 +350,25 @@ def test_cli_info_and_infer_refuse_tilt_unless_resample_tilt_is_given(series_dir
     corrected = read_volume(folder, resample_tilt=True).geometry
     assert mask.shape == corrected.shape
     np.testing.assert_allclose(mask.affine, corrected.affine, atol=1e-4)  # the corrected grid, not the tilted one
+
+
+def test_a_dataset_case_with_a_tilted_series_is_refused_unless_the_dataset_opts_in(series_dir, tmp_path, capsys):
+    from medseg.cli import main
+    from medseg.data import scan_dataset
+    from medseg.data.folders import read_case
+    from medseg.io import write_mask
+
+    root = tmp_path / "TiltedCT"
+    (root / "images").mkdir(parents=True)
+    tilted_copy(series_dir, root / "images" / "ct01")
+    (root / "labels").mkdir()
+    corrected = read_volume(root / "images" / "ct01", resample_tilt=True)
+    write_mask((corrected.array[0] > 0).astype(np.uint8), corrected, root / "labels" / "ct01.nii.gz")
+    before = sha256(root / "images" / "ct01")
+
+    assert main(["check", str(root), "--folds", "1"]) == 2
+    assert "acquired with gantry tilt 26 deg" in capsys.readouterr().out
+    assert main(["check", str(root), "--folds", "1", "--resample-tilt"]) == 0
+    image, label = read_case(scan_dataset(root, resample_tilt=True).cases[0])
+    assert image.geometry.same_grid(label.geometry, atol_mm=1e-3)
+    assert sha256(root / "images" / "ct01") == before

@@ -28,6 +28,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--ignore-label", type=int, default=None, metavar="VALUE",
         help="label value that marks unlabeled voxels (loss.ignore_label): allowed although not declared",
     )
+    parser.add_argument(
+        "--resample-tilt", action="store_true",
+        help="read DICOM series acquired with gantry tilt onto a regular grid (data.resample_tilt) instead of "
+             "refusing them",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from medseg.errors import DatasetError
 
     try:
-        index = scan_dataset(args.dataset, collect_problems=True)
+        index = scan_dataset(args.dataset, collect_problems=True, resample_tilt=args.resample_tilt)
     except DatasetError as err:
         print(f"medseg check: DatasetError: {err}", file=sys.stderr)
         return 2

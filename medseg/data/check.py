@@ -208,7 +208,7 @@ def _check_case(
         try:
             from medseg.io import read_volume
 
-            label = read_volume(case.label_path, data_root=case.root)
+            label = read_volume(case.label_path, data_root=case.root, resample_tilt=case.resample_tilt)
         except (ScanReadError, GeometryError) as err:
             problem(f"cannot read the label: {_short(err, index)}")
     channels = None

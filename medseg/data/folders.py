@@ -22,6 +22,7 @@ Four layouts are recognised without flags (see docs/datasets.md):
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -66,6 +67,9 @@ class Case:
             one fold).
         root: the dataset root; the data files named by ``.mhd``/``.nhdr``
             headers must lie inside it (``None``: beside each header).
+        resample_tilt: DICOM series acquired with gantry tilt are resampled onto
+            a regular grid when read (``data.resample_tilt``; docs/geometry.md)
+            instead of refused.
     """
 
     case_id: str
@@ -73,6 +77,7 @@ class Case:
     label_path: Path | None = None
     patient_id: str | None = None
     root: Path | None = None
+    resample_tilt: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,7 +239,7 @@ def _check_inside(root: Path, path: Path, what: str) -> Path:
 # --------------------------------------------------------------------------- scanning
 
 
-def scan_dataset(path: str | Path, *, collect_problems: bool = False) -> DatasetIndex:
+def scan_dataset(path: str | Path, *, collect_problems: bool = False, resample_tilt: bool = False) -> DatasetIndex:
     """Recognise a dataset folder's layout and list its cases.
 
     Args:
@@ -243,6 +248,8 @@ def scan_dataset(path: str | Path, *, collect_problems: bool = False) -> Dataset
             root, an unsafe case id, a malformed entry): they are left out and
             listed in ``index.problems``, which :func:`medseg.data.check_dataset`
             reports together with the per-case problems (``medseg check``).
+        resample_tilt: read the cases' tilted DICOM series onto a regular grid
+            (opt-in, ``data.resample_tilt``) instead of refusing them.
 
     Returns:
         The :class:`DatasetIndex`. Missing or unreadable files are *not* errors
@@ -261,6 +268,12 @@ def scan_dataset(path: str | Path, *, collect_problems: bool = False) -> Dataset
     index = _scan(Path(path).expanduser())
     if index.problems and not collect_problems:
         _raise_collected(index.problems, index.root)
+    if resample_tilt:
+        index = dataclasses.replace(
+            index,
+            cases=[dataclasses.replace(c, resample_tilt=True) for c in index.cases],
+            test_cases=[dataclasses.replace(c, resample_tilt=True) for c in index.test_cases],
+        )
     return index
 
 
@@ -712,7 +725,7 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[Any, Any | None]:
     from medseg.io import read_volume
     from medseg.io.volume import Volume
 
-    volumes = [read_volume(p, data_root=case.root) for p in case.image_paths]
+    volumes = [read_volume(p, data_root=case.root, resample_tilt=case.resample_tilt) for p in case.image_paths]
     first = volumes[0]
     if len(volumes) > 1:
         for p, v in zip(case.image_paths[1:], volumes[1:]):
@@ -727,7 +740,7 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[Any, Any | None]:
         image = first
     label = None
     if with_label and case.label_path is not None:
-        label = read_volume(case.label_path, data_root=case.root)
+        label = read_volume(case.label_path, data_root=case.root, resample_tilt=case.resample_tilt)
     return image, label
 
 

@@ -250,7 +250,7 @@ def train(
     if not info.is_main:  # rank 0 speaks for the job
         medseg_logger.setLevel(logging.WARNING)
     try:
-        index = scan_dataset(dataset_dir)
+        index = scan_dataset(dataset_dir, resample_tilt=cfg.data.resample_tilt)
         # under torchrun with -o, rank 0 checks and plans while the others wait, then read its files
         follower = info.is_distributed and not info.is_main and run_dir is not None
         if not follower:
