@@ -26,6 +26,7 @@ from typing import Any, Literal, Union
 from medseg.errors import ConfigError
 
 __all__ = [
+    "BUILTIN_CONFIG_DIR",
     "AugmentConfig",
     "Config",
     "DataConfig",
@@ -33,11 +34,14 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "TrainConfig",
+    "builtin_configs",
     "check_record",
     "config_from_dict",
+    "describe_config",
     "field_problems",
     "load_config",
     "match_type",
+    "resolve_config_path",
     "save_config",
     "type_name",
 ]
@@ -249,19 +253,64 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 
 # --------------------------------------------------------------------------- loading
 
+BUILTIN_CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+"""The YAML configs shipped inside the package (``configs/`` in the repository links here)."""
+
+
+def builtin_configs() -> dict[str, Path]:
+    """``{name: path}`` of the built-in configs, e.g. ``{"cpu_quick": .../medseg/configs/cpu_quick.yaml}``."""
+    return {p.stem: p for p in sorted(BUILTIN_CONFIG_DIR.glob("*.yaml"))}
+
+
+def describe_config(path: str | Path) -> str:
+    """The first comment line of a YAML config (its one-line description), or ``""``."""
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if line.startswith("#"):
+            return line.lstrip("#").strip()
+        if line.strip():
+            break
+    return ""
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """An existing config file as given, else the built-in config of that name (``cpu_quick`` or ``cpu_quick.yaml``).
+
+    Raises:
+        ConfigError: neither a file nor a built-in config name (with the closest name).
+    """
+    path = Path(path)
+    if path.exists():
+        return path
+    builtins = builtin_configs()
+    name = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    if len(path.parts) == 1 and name in builtins:
+        return builtins[name]
+    close = difflib.get_close_matches(name, list(builtins), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise ConfigError(
+        f"config {str(path)!r} is neither a file nor a built-in config.{hint} Pass a YAML file or one of the "
+        f"built-in names: {', '.join(builtins)} (`medseg configs` describes them)."
+    )
+
+
+
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (``yaml.safe_load``), apply ``section.key=value`` overrides, validate.
 
+    ``path`` is a YAML file or the name of a built-in config (``"cpu_quick"``, see
+    :func:`builtin_configs`).
+
     Raises:
-        ConfigError: unknown keys (with the closest valid one), wrong types, bad YAML.
+        ConfigError: unknown keys (with the closest valid one), wrong types, bad YAML,
+            a path that is neither a file nor a built-in config name.
     """
     import yaml
 
     data: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
-        path = Path(path)
+        path = resolve_config_path(path)
         source = str(path)
         try:
             text = path.read_text(encoding="utf-8")
@@ -282,19 +331,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:
-    """Apply one ``section.key=value`` override (value parsed as YAML) to a raw config dict."""
+    """Apply one ``section.key=value`` override (value parsed as YAML) to a raw config dict.
+
+    Raises:
+        ConfigError: naming ``--set`` and the override (not the YAML file) for a malformed
+            item, an unknown section or key (with the closest valid one) or a value of the wrong type.
+    """
     import yaml
 
+    where = f"--set {item}"
     if "=" not in item:
-        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. train.max_epochs=5.")
+        raise ConfigError(f"{where}: expected section.key=value, e.g. --set train.max_epochs=5.")
     key, _, raw = item.partition("=")
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
-        raise ConfigError(f"override key {key!r} must be section.key, e.g. train.max_epochs; sections: {', '.join(SECTIONS)}.")
+        raise ConfigError(f"{where}: the key must be section.key, e.g. train.max_epochs; sections: {', '.join(SECTIONS)}.")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: value is not valid YAML.") from err
+        raise ConfigError(f"{where}: the value is not valid YAML.") from err
+    if parts[0] not in SECTIONS:
+        raise ConfigError(_unknown(parts[0], list(SECTIONS), f"section {parts[0]!r} in {where}"))
+    hints = _hints(_section_class(parts[0]))
+    if parts[1] not in hints:
+        raise ConfigError(_unknown(parts[1], list(hints), f"key '{parts[0]}.{parts[1]}' in {where}"))
+    _coerce(value, hints[parts[1]], f"{parts[0]}.{parts[1]}", where)
     section = data.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ConfigError(f"override {item!r}: section {parts[0]!r} is not a mapping in the config.")

@@ -31,7 +31,7 @@ def test_unknown_section_suggests_the_closest():
 
 
 def test_wrong_type_is_refused_with_the_expected_type():
-    with pytest.raises(ConfigError, match=r"train.max_epochs in defaults must be an integer, got 'ten'"):
+    with pytest.raises(ConfigError, match=r"train.max_epochs in --set train.max_epochs=ten must be an integer, got 'ten'"):
         load_config(None, overrides=["train.max_epochs=ten"])
 
 

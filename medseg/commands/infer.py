@@ -22,15 +22,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.cli import add_folds_argument
+
 HELP = "segment scans (NIfTI files, DICOM series folders or folders of scans) with a trained model"
-
-
-def _fold(text: str) -> int | str:
-    if text == "all":
-        return text
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"fold must be a number or 'all', got {text!r}")
-    return int(text)
 
 
 def _overlap(text: str) -> float:
@@ -68,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(default: on for GPUs, off on the CPU)",
     )
     tta.add_argument("--no-tta", dest="tta", action="store_const", const="off", help="no test-time augmentation")
-    parser.add_argument("--folds", nargs="+", type=_fold, help="folds of a run folder to ensemble (default: all)")
+    add_folds_argument(parser, "folds of a run folder to ensemble (default: all)")
     parser.add_argument("--probs", action="store_true", help="also write <case>_probs.nii.gz (uint8, 255 = probability 1)")
     parser.add_argument("--stats", action="store_true", help="also write per-label voxels, mL and boxes (<case>_stats.json/.csv)")
     parser.add_argument("--preview", action="store_true", help="also write <case>_preview.png (mask over 3 orthogonal slices)")

@@ -8,7 +8,8 @@ prints the command that resumes exactly where training stopped.
 examples:
   medseg train data/Task09_Spleen                       # 3D U-Net, fold 0
   medseg train data/Spleen --time-budget 25m           # what fits in 25 minutes on this machine
-  medseg train data/Spleen --folds 0,1,2,3,4            # 5-fold cross-validation
+  medseg train data/Spleen -c cpu_quick                 # a built-in config by name (`medseg configs`)
+  medseg train data/Spleen --folds 0,1,2,3,4            # 5-fold cross-validation (or --folds 0 1 2 3 4)
   medseg train data/Spleen -o runs/spleen --resume      # continue an interrupted run
   medseg train data/Small --init-from runs/big/fold_0/model --set train.freeze_encoder_epochs=10
   torchrun --nproc_per_node=4 -m medseg train data/Spleen   # 4 GPUs (see docs/training.md)
@@ -21,19 +22,27 @@ import os
 import shlex
 import sys
 
+from medseg.cli import add_folds_argument, parse_fold
+
 HELP = "train a model on a dataset folder"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", metavar="DATASET_DIR", help="dataset folder (MSD, nnU-Net or plain layout)")
-    parser.add_argument("-c", "--config", metavar="CONFIG.yaml", help="config file (default: built-in 3D U-Net recipe)")
+    parser.add_argument(
+        "-c", "--config", metavar="CONFIG",
+        help="config file, or a built-in config's name, e.g. cpu_quick (`medseg configs` lists them; "
+        "default: the 3D U-Net recipe, unet3d)",
+    )
     parser.add_argument(
         "-o", "--output", metavar="RUN_DIR", help="run folder (default: runs/<dataset>_<model>_<dims>d)"
     )
     parser.add_argument("--model", help="network: unet, deeplabv3plus, deeplabv3, fcn, segresnet, ... (model.name)")
     parser.add_argument("--spatial-dims", type=int, choices=(2, 3), help="2: train on slices, 3: on volumes")
-    parser.add_argument("--fold", help="fold to train: 0..num_folds-1, or 'all' for every case (train.fold)")
-    parser.add_argument("--folds", metavar="K,K,...", help="train these folds in turn and summarise them, e.g. 0,1,2,3,4")
+    parser.add_argument(
+        "--fold", type=parse_fold, metavar="K", help="fold to train: 0..num_folds-1, or 'all' for every case (train.fold)"
+    )
+    add_folds_argument(parser, "train these folds in turn and summarise them")
     parser.add_argument("--max-epochs", type=int, metavar="N", help="number of epochs (train.max_epochs)")
     parser.add_argument(
         "--time-budget", metavar="DURATION",
@@ -80,23 +89,6 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
     return items
 
 
-def parse_folds(text: str | None) -> list[int | str] | None:
-    from medseg.errors import ConfigError
-
-    if text is None:
-        return None
-    folds: list[int | str] = []
-    for part in text.split(","):
-        part = part.strip()
-        if part == "all":
-            folds.append("all")
-        elif part.isdigit():
-            folds.append(int(part))
-        else:
-            raise ConfigError(f"--folds {text!r}: expected fold numbers separated by commas, e.g. 0,1,2,3,4.")
-    return folds
-
-
 def resume_command(args: argparse.Namespace, run_dir: object) -> str:
     """The command line that continues this run."""
     argv = [a for a in sys.argv[1:] if a != "--resume"]
@@ -117,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
         args.dataset,
         args.config,
         output_dir=args.output,
-        folds=parse_folds(args.folds),
+        folds=args.folds,
         resume=args.resume,
         init_from=args.init_from,
         overrides=overrides_from_args(args),

@@ -233,6 +233,7 @@ def train(
             fold_list = [cfg.train.fold]
     else:
         cfg = given
+    _refuse_unknown_model_or_fold(cfg, fold_list)  # before check, fingerprint, plan or any folder
     if run_dir is not None:  # before anything is written
         _check_run_dir(run_dir, dataset_dir, cfg, fold_list, init_from=init_from)
     budget_s = parse_duration(cfg.train.time_budget)  # a bad value is refused before anything runs
@@ -290,6 +291,41 @@ def train(
         medseg_logger.setLevel(old_level)
         destroy_distributed()
     return _summarise(run_dir, cfg, plan, results, write=info.is_main)
+
+
+def _refuse_unknown_model_or_fold(cfg: Config, folds: Sequence[int | str]) -> None:
+    """Refuse a model name that is not registered and folds the config cannot have, before any work.
+
+    Raises:
+        ConfigError: naming the model (with the closest registered one) or the fold and the folds there are.
+    """
+    import difflib
+
+    from medseg.models import list_models
+
+    models = list_models()
+    if cfg.model.name not in models:
+        close = difflib.get_close_matches(cfg.model.name, models, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(
+            f"unknown model {cfg.model.name!r} (--model / model.name); registered models: {', '.join(models)}.{hint}"
+        )
+    if cfg.data.splits_file:
+        from medseg.data.splits import load_splits
+
+        count, source = len(load_splits(cfg.data.splits_file)), f"data.splits_file {cfg.data.splits_file}"
+    else:
+        count, source = cfg.data.num_folds, "data.num_folds"
+    for k in folds:
+        if k != "all" and not (isinstance(k, int) and 0 <= k < count):
+            raise ConfigError(
+                f"fold {k!r} does not exist: there {'are' if count != 1 else 'is'} {count} "
+                f"fold{'s' if count != 1 else ''} (0..{count - 1}, {source}); pass one of them, "
+                "or 'all' to train on every case."
+            )
+    repeated = sorted({str(k) for k in folds if list(folds).count(k) > 1})
+    if repeated:
+        raise ConfigError(f"fold {', '.join(repeated)} is given more than once; list each fold once.")
 
 
 def _fold_value(value: int | str) -> int | str:
