@@ -87,7 +87,7 @@ def test_infer_anonymize_names_outputs_by_content_hash_and_leaks_no_name_or_path
         for scan in (first, second)
         for kind in ("mask.nii.gz", "probs.nii.gz", "provenance.json", "stats.json", "stats.csv", "preview.png")
     )
-    assert runs[0] == expected
+    assert runs[0] == [*expected, "infer_manifest.csv", "infer_manifest.json"]  # the manifest holds no path either
     assert anonymous_case_name(first) == _content_name(first)
     provenance = (tmp_path / "out1" / f"{_content_name(first)}_provenance.json").read_text()
     assert '"path": null' in provenance and '"anonymized": true' in provenance
@@ -111,7 +111,7 @@ def test_dicom_folder_named_after_the_patient_is_anonymized(shared_data, tmp_pat
     assert main(["infer", str(folder), "-m", str(model), "-o", str(tmp_path / "out"), "--anonymize"]) == 0
     names = _assert_nothing_identifying(tmp_path / "out", tmp_path)
     name = anonymous_case_name(folder)
-    assert names == [f"{name}_mask.nii.gz", f"{name}_provenance.json"]
+    assert names == [f"{name}_mask.nii.gz", f"{name}_provenance.json", *["infer_manifest.csv", "infer_manifest.json"]]
 
 
 def test_python_api_replaces_given_names_and_refuses_identical_content(tmp_path, model):

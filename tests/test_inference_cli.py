@@ -56,7 +56,9 @@ def test_folder_of_scans_gives_one_mask_per_case(tmp_path, model):
     _scan(tmp_path / "scans" / "b.nii.gz", "oblique")
     assert main(["infer", str(tmp_path / "scans"), "-m", str(model), "-o", str(tmp_path / "out"), "--stats"]) == 0
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert names == [f"{c}_{k}" for c in "ab" for k in ("mask.nii.gz", "provenance.json", "stats.csv", "stats.json")]
+    assert names == [f"{c}_{k}" for c in "ab" for k in ("mask.nii.gz", "provenance.json", "stats.csv", "stats.json")] + [
+        "infer_manifest.csv", "infer_manifest.json",
+    ]
     for case in "ab":
         mask, scan = nib.load(tmp_path / "out" / f"{case}_mask.nii.gz"), nib.load(tmp_path / "scans" / f"{case}.nii.gz")
         assert mask.shape == scan.shape
@@ -68,7 +70,7 @@ def test_dicom_folder_is_named_after_the_folder(shared_data, tmp_path):
     model = save_model(tmp_path / "m", plan, options={"threshold": -3.0})
     assert main(["infer", str(shared_data / "ct_dicom_series"), "-m", str(model), "-o", str(tmp_path / "out")]) == 0
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "ct_dicom_series_mask.nii.gz", "ct_dicom_series_provenance.json",
+        "ct_dicom_series_mask.nii.gz", "ct_dicom_series_provenance.json", "infer_manifest.csv", "infer_manifest.json",
     ]
     assert nib.load(tmp_path / "out" / "ct_dicom_series_mask.nii.gz").shape == (512, 512, 20)
 

@@ -6,6 +6,16 @@ OUT/<case>_mask.nii.gz on the scan's own grid (same shape, affine and NIfTI
 codes) plus <case>_provenance.json (medseg version, model and input sha256,
 settings). A DICOM folder's case name is the folder name. With --anonymize a
 case is named case_<12 hex digits of its content's sha256> and no output holds a path.
+nnU-Net channel files CASE_0000.nii.gz ... of a multi-channel model are one case,
+CASE (its mask: CASE_mask.nii.gz); a DICOM folder read with --series-uid is named
+FOLDER_<8 hex digits of the series uid's sha256>.
+
+Cohorts: a case that fails (unreadable, wrong dimensionality, refused geometry) is
+reported and the run goes on; OUT/infer_manifest.csv/.json lists every case with its
+status, time and QC flags (border, volume, low_confidence, intensity). Exit status:
+0 all cases done, 1 some cases failed (listed at the end), 2 nothing run (bad input
+or options; a single scan that fails). --continue resumes an interrupted run;
+--num-parts N --part-id K splits a cohort between N processes (docs/inference.md).
 
 Test-time augmentation (mirroring) averages 8 passes per window in 3D (4 in 2D):
 typically a fraction of a Dice point better, 8x the network time. It is on by
@@ -15,6 +25,7 @@ Examples:
   medseg infer scan.nii.gz                       # newest run under ./runs, mask in .
   medseg infer scans/ -m runs/liver -o masks/ --stats --preview
   medseg infer dicom_dir/ -m runs/liver/fold_0/model -o liver_mask.nii.gz
+  medseg infer imagesTs/ -m runs/brats -o masks/ --continue --num-parts 4 --part-id 0
 """
 
 from __future__ import annotations
@@ -35,6 +46,12 @@ def _overlap(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), got {text}")
     return value
+
+
+def _part_id(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return int(text)
 
 
 def _positive(text: str) -> int:
@@ -77,7 +94,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="segment a gantry-tilted DICOM series (refused by default) after resampling it onto a regular grid; "
         "the mask is written on that corrected grid (docs/geometry.md)",
     )
-    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+    redo = parser.add_mutually_exclusive_group()
+    redo.add_argument("--overwrite", action="store_true", help="replace existing outputs (never the inputs)")
+    redo.add_argument(
+        "--continue", dest="resume", action="store_true",
+        help="resume an interrupted run: skip cases whose outputs are complete (mask loads and lies on the "
+        "input's grid, every listed output exists), segment the others again",
+    )
+    parser.add_argument(
+        "--num-parts", type=_positive, metavar="N",
+        help="split the cohort into N parts (case i of the cases sorted by name goes to part i mod N) "
+        "for N processes or cluster jobs; use with --part-id",
+    )
+    parser.add_argument(
+        "--part-id", type=_part_id, metavar="K", help="the part (0..N-1) this process segments; use with --num-parts"
+    )
     parser.add_argument(
         "--anonymize", action="store_true",
         help="name outputs case_<first 12 hex digits of the input content's sha256> instead of after the input "
@@ -87,15 +118,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import logging
+    import sys
 
     from medseg.errors import ConfigError
+    from medseg.inference.jobs import (
+        anonymize_cases,
+        collect_cases,
+        manifest_name,
+        plan_of,
+        run_cohort,
+        select_part,
+    )
     from medseg.inference.postprocess import parse_postprocess
-    from medseg.inference.segmenter import Segmenter, collect_inputs, plan_outputs
+    from medseg.inference.segmenter import Segmenter, plan_outputs
     from medseg.training.model_folder import newest_run
 
     if args.postprocess is not None:
         parse_postprocess(args.postprocess)  # fail before loading anything
-    cases = collect_inputs(args.inputs, anonymize=args.anonymize)
+    if (args.num_parts is None) != (args.part_id is None):
+        raise ConfigError("--num-parts N and --part-id K go together (K in 0..N-1); pass both or neither.")
+    model_dir = args.model if args.model is not None else newest_run(Path("runs"))
+    plan = plan_of(model_dir, args.folds)  # model.json only: the channels group the input files
+    cases = collect_cases(
+        args.inputs, channels=plan.image_channels, channel_names=plan.channel_names, series_uid=args.series_uid
+    )
+    keep_going = len(cases) > 1  # a single scan stops at its error, as before: one line, exit 2
+    if args.num_parts is not None:
+        cases = select_part(cases, args.num_parts, args.part_id)
+    if args.anonymize:
+        cases = anonymize_cases(cases, series_uid=args.series_uid)
     out = args.output
     mask_path = None
     if out.name.lower().endswith((".nii.gz", ".nii")):
@@ -103,12 +154,11 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"-o {out} names one file but there are {len(cases)} inputs; pass a folder.")
         mask_path = out
         out = out.parent
-    # refuse existing outputs before the model is loaded
-    plan_outputs(
-        cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,
-        overwrite=args.overwrite, mask_path=mask_path,
-    )
-    model_dir = args.model if args.model is not None else newest_run(Path("runs"))
+    if not args.resume:  # refuse existing outputs before the model is loaded
+        plan_outputs(
+            [(c.source, c.name) for c in cases], out, probabilities=args.probs, statistics=args.stats,
+            preview=args.preview, overwrite=args.overwrite, mask_path=mask_path,
+        )
     segmenter = Segmenter.load(
         model_dir, device=args.device, folds=args.folds, tta=args.tta, overlap=args.overlap,
         batch_size=args.batch_size, postprocess=args.postprocess,
@@ -118,11 +168,21 @@ def run(args: argparse.Namespace) -> int:
         "model %s (%d fold(s)) on %s, tta %s, overlap %.2f",
         model_dir, len(segmenter.models), segmenter.device, "on" if segmenter.tta else "off", segmenter.overlap,
     )
-    results = segmenter.predict_many(
-        cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,
-        overwrite=args.overwrite, series_uid=args.series_uid, mask_path=mask_path, anonymize=args.anonymize,
-        resample_tilt=args.resample_tilt,
+    result = run_cohort(
+        segmenter, cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,
+        overwrite=args.overwrite, resume=args.resume, keep_going=keep_going, series_uid=args.series_uid,
+        mask_path=mask_path, anonymize=args.anonymize, resample_tilt=args.resample_tilt,
+        manifest=manifest_name(args.num_parts or 1, args.part_id or 0),
     )
-    for written in results:
-        print(written["mask"])
+    for row in result.written:
+        print(mask_path if mask_path is not None else out / row["outputs"]["mask"])
+    if result.skipped:
+        log.info("%d case(s) already complete, skipped (--continue)", len(result.skipped))
+    if result.manifest is not None:
+        log.info("manifest: %s", result.manifest)
+    if result.failed:
+        print(f"medseg infer: {len(result.failed)} of {len(result.rows)} case(s) failed:", file=sys.stderr)
+        for row in result.failed:
+            print(f"  {row['case']}: {row['error']}", file=sys.stderr)
+        return 1
     return 0

@@ -124,7 +124,9 @@ class Prediction:
         provenance: medseg version, model(s) and weights sha256, input sha256, settings.
         labels: label value -> name.
         timings: seconds per stage (read, preprocess, network, sliding_window, restore, postprocess).
-        source: the scan's path, if it was read from disk.
+        source: the scan's path, if it was read from disk (the first channel's, for per-channel files).
+        confidence: mean largest class probability over the voxels predicted as foreground
+            (network grid; ``medseg.inference.quality.foreground_confidence``), when computed.
     """
 
     mask: np.ndarray
@@ -135,6 +137,7 @@ class Prediction:
     labels: dict[int, str]
     timings: dict[str, float] = field(default_factory=dict)
     source: Path | None = None
+    confidence: float | None = None
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the mask as NIfTI on the scan's grid (atomic, geometry-checked)."""
@@ -419,6 +422,10 @@ class Segmenter:
     def _read(self, scan: Any, series_uid: str | None, resample_tilt: bool = False) -> Volume:
         if isinstance(scan, Volume):
             return scan
+        if isinstance(scan, list):  # one scan (path or Volume) per channel
+            from medseg.inference.jobs import read_channels
+
+            return read_channels(scan, series_uid=series_uid, resample_tilt=resample_tilt)
         if isinstance(scan, tuple):
             if len(scan) != 2:
                 raise ScanReadError("an in-memory scan must be a pair (array, affine).")
@@ -474,12 +481,18 @@ class Segmenter:
         t0 = time.perf_counter()
         input_hash: concurrent.futures.Future | str | None = None
         source = Path(scan) if isinstance(scan, (str, os.PathLike)) else None
+        channel_files = (
+            [Path(s) for s in scan] if isinstance(scan, list) and all(isinstance(s, (str, os.PathLike)) for s in scan)
+            else None
+        )
         volume = self._read(scan, series_uid, resample_tilt)
         timings["read_s"] = time.perf_counter() - t0
         self.check_volume(volume)
         if source is not None:
             # hashing overlaps with the rest of the pipeline (hashlib releases the GIL)
             input_hash = hash_pool.submit(hash_input, source) if hash_pool is not None else hash_input(source)
+        elif channel_files:  # per-channel files: their sha256 in channel order, comma-separated
+            input_hash = ",".join(hash_input(p) for p in channel_files)
         t1 = time.perf_counter()
         case = preprocess_case(volume, self.plan)
         timings["preprocess_s"] = time.perf_counter() - t1
@@ -576,7 +589,7 @@ class Segmenter:
             timings["sliding_window_s"] = time.perf_counter() - t0
         return scores, ("probs" if ensemble else "logits")
 
-    def _finish(self, prepared: _Prepared, *, probabilities: bool) -> Prediction:
+    def _finish(self, prepared: _Prepared, *, probabilities: bool, confidence: bool = False) -> Prediction:
         from medseg.inference.restore import restore_prediction
         from medseg.inference.stats import label_statistics
 
@@ -586,6 +599,10 @@ class Segmenter:
         prepared.case = None  # type: ignore[assignment]  # free the plan-grid image after the network
         scores, kind = self.predict_scores(image, timings=timings)
         del image
+        if confidence:
+            from medseg.inference.quality import foreground_confidence
+
+            fg_confidence = foreground_confidence(scores, kind)
         t0 = time.perf_counter()
         classes, probs = restore_prediction(scores, record, kind=kind, probabilities=probabilities)
         del scores
@@ -623,6 +640,7 @@ class Segmenter:
             labels=self.labels,
             timings=timings,
             source=volume.path,
+            confidence=fg_confidence if confidence else None,
         )
 
     # ----------------------------------------------------------------- public
@@ -640,7 +658,9 @@ class Segmenter:
             scan: a NIfTI/MetaImage/NRRD file, a DICOM series folder, a
                 :class:`~medseg.io.Volume`, or ``(array, affine)`` with ``array``
                 ``(*spatial)`` or channel-first ``(C, *spatial)`` and a 4x4
-                voxel-to-RAS affine.
+                voxel-to-RAS affine; or a *list* with one single-channel scan
+                (path or Volume) per model channel, in the model's channel order
+                (nnU-Net's ``CASE_0000.nii.gz``, ``CASE_0001.nii.gz`` ...), all on one grid.
             probabilities: also return per-class probabilities (uint8, p * 255).
             series_uid: which series of a DICOM folder holding several.
             resample_tilt: read a gantry-tilted DICOM series onto a regular grid
