@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor, as_completed
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -667,6 +667,7 @@ def evaluate(
     output_dir: str | os.PathLike | None = None,
     overwrite: bool = False,
     num_workers: int | None = None,
+    parallel: Literal["threads", "processes"] = "threads",
     progress: bool | None = None,
     anonymize: bool = False,
 ) -> EvaluationReport:
@@ -696,8 +697,13 @@ def evaluate(
         output_dir: where to write ``metrics_per_case.csv``, ``metrics_summary.json``
             (and ``lesions.csv``); ``None`` writes nothing.
         overwrite: replace existing report files.
-        num_workers: processes scoring cases in parallel (default: up to the
+        num_workers: workers scoring cases in parallel (default: up to the
             number of CPUs, at most 4); 0 or 1 scores in this process.
+        parallel: ``"threads"`` (default: works in any script, no ``if __name__ ==
+            "__main__":`` guard needed; reading, distance transforms and surface
+            searches run in numpy/scipy/zlib code) or ``"processes"`` (spawned worker
+            processes, as ``medseg evaluate`` uses; a script calling this at its top
+            level needs the ``__main__`` guard, since each worker imports the script).
         progress: show a progress bar (default: when stderr is a terminal and there
             are several cases).
         anonymize: name cases ``case_<12 hex digits of the reference file's sha256>``
@@ -764,7 +770,7 @@ def evaluate(
         lesion=lesion_opts,
         resample_to_reference=resample_to_reference,
     )
-    results = _run_cases(tasks, settings, num_workers=num_workers, progress=progress)
+    results = _run_cases(tasks, settings, num_workers=num_workers, parallel=parallel, progress=progress)
 
     classes = _class_order(results, label_map, all_regions, include_background)
     filler = M.empty_case_scores(names, empty=empty)
@@ -849,6 +855,7 @@ def _run_cases(
     settings: _Settings,
     *,
     num_workers: int | None,
+    parallel: Literal["threads", "processes"] = "threads",
     progress: bool | None,
 ) -> list[CaseResult]:
     from tqdm.auto import tqdm
@@ -857,6 +864,8 @@ def _run_cases(
         num_workers = min(4, os.cpu_count() or 1, len(tasks))
     if num_workers < 0:
         raise ConfigError(f"num_workers must be >= 0, got {num_workers}.")
+    if parallel not in ("threads", "processes"):
+        raise ConfigError(f"parallel must be 'threads' or 'processes', got {parallel!r}.")
     if progress is None:
         disable = None if len(tasks) > 1 else True  # None: tqdm shows it on a terminal only
     else:
@@ -869,8 +878,12 @@ def _run_cases(
                 results.append(_score_case(name, p, g, settings))
                 bar.update()
         else:
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(max_workers=num_workers, mp_context=context) as pool:
+            pool: Executor
+            if parallel == "processes":  # spawn: each worker imports the caller's __main__ module
+                pool = ProcessPoolExecutor(max_workers=num_workers, mp_context=multiprocessing.get_context("spawn"))
+            else:
+                pool = ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="medseg-evaluate")
+            with pool:
                 futures: dict[Future, str] = {
                     pool.submit(_score_case, name, p, g, settings): name for name, p, g in tasks
                 }

@@ -146,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         output_dir=output,
         overwrite=args.overwrite,
         num_workers=args.workers,
+        parallel="processes",  # safe here: the medseg command is the __main__ module the workers import
         anonymize=args.anonymize,
     )
     print(report.format_table())
