@@ -15,7 +15,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+from conftest import sphere_mask
 
 import medseg
 from medseg.cli import build_parser, main
@@ -183,3 +186,22 @@ def test_an_unknown_command_lists_the_commands(capsys):
     assert main(["--debug", "frobnicate"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("medseg: unknown command 'frobnicate'; commands: demo, train, infer") and err.count("\n") == 1
+
+
+# --------------------------------------------------------------------------- evaluate's workers
+
+
+def test_evaluate_threads_and_processes_give_the_serial_report(tmp_path):
+    """Threads are the default (any script); processes are what `medseg evaluate` uses (its own __main__)."""
+    for folder, radius in (("gt", 5.0), ("pred", 6.0)):
+        (tmp_path / folder).mkdir()
+        for i in range(3):
+            mask = sphere_mask((24, 20, 16), radius=radius + i).astype(np.uint8)
+            nib.save(nib.Nifti1Image(mask, np.diag([0.8, 1.1, 2.5, 1.0])), tmp_path / folder / f"c{i}.nii.gz")
+    reports = [
+        medseg.evaluate(tmp_path / "pred", tmp_path / "gt", metrics="dice,hd95", num_workers=n, parallel=kind).to_dict()
+        for n, kind in ((0, "threads"), (2, "threads"), (2, "processes"))
+    ]
+    assert reports[0]["cases"] == reports[1]["cases"] == reports[2]["cases"]
+    with pytest.raises(ConfigError, match=r"parallel must be 'threads' or 'processes', got 'fork'"):
+        medseg.evaluate(tmp_path / "pred", tmp_path / "gt", num_workers=2, parallel="fork")
