@@ -153,11 +153,11 @@ def test_continue_redoes_exactly_the_missing_and_corrupt_cases(tmp_path, model, 
     for p in out.glob("b_*"):
         p.unlink()
     data = (out / "c_mask.nii.gz").read_bytes()
-    (out / "c_mask.nii.gz").write_bytes(data[: len(data) // 2])
-    (out / "d_stats.csv").unlink()
+    (out / "c_mask.nii.gz").write_bytes(data[:-12])  # header intact, data cut short
+    (out / "d_stats.csv").unlink()  # listed in the manifest, gone
     assert main(["infer", str(scans), "-m", str(model), "-o", str(out), "--stats"]) == 2  # default: refuse
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert main(["infer", str(scans), "-m", str(model), "-o", str(out), "--stats", "--continue"]) == 0
+    assert main(["infer", str(scans), "-m", str(model), "-o", str(out), "--continue"]) == 0
     printed = capsys.readouterr().out.split()
     assert sorted(Path(p).name for p in printed) == ["b_mask.nii.gz", "c_mask.nii.gz", "d_mask.nii.gz"]
     after = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
@@ -168,7 +168,7 @@ def test_continue_redoes_exactly_the_missing_and_corrupt_cases(tmp_path, model, 
     assert all(r["status"] == "ok" for r in manifest.values())
 
 
-def test_continue_redoes_a_mask_on_another_grid(tmp_path, model):
+def test_continue_redoes_a_mask_on_another_grid(tmp_path, model, capsys):
     scans = _cohort(tmp_path)
     (scans / "c.nii.gz").unlink()
     out = tmp_path / "out"
@@ -181,6 +181,10 @@ def test_continue_redoes_a_mask_on_another_grid(tmp_path, model):
     assert main(["infer", str(scans), "-m", str(model), "-o", str(out), "--continue"]) == 0
     np.testing.assert_allclose(nib.load(out / "a_mask.nii.gz").affine, nib.load(scans / "a.nii.gz").affine, atol=1e-4)
     assert (out / "b_mask.nii.gz").stat().st_mtime_ns == stamp
+    capsys.readouterr()
+    assert main(["infer", str(scans), "-m", str(model), "-o", str(out), "--continue", "--stats"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3  # no stats yet: every case is done again
+    assert (out / "b_stats.json").is_file()
 
 
 # --------------------------------------------------------------------------- QC flags
