@@ -176,3 +176,19 @@ def test_a_budget_picks_the_configuration_and_records_why_in_the_plan(phantoms, 
                                      "data.spatial_dims=3"])
     plan3d = load_plan(pinned.run_dir / "plan.json")
     assert plan3d.spatial_dims == 3 and plan3d.configuration == ""
+
+
+def test_re_sizing_to_more_chunks_keeps_the_planned_number_of_validations(tmp_path):
+    from test_training_checkpoint import make_trainer
+
+    from medseg.training.budget import BudgetPlan
+
+    trainer = make_trainer(tmp_path, time_budget="60s")
+    trainer.state.budget_validations = 10
+    # the probe ran under load: the run turned out 5.6x faster and re-sizing made 56 chunks of the planned size
+    trainer._apply_budget(BudgetPlan(budget_s=60.0, spent_s=0.0, step_s=0.1, validation_s=1.0, total_steps=560,
+                                     chunk_steps=10, chunks=56, reserve_s=5.0))
+    cfg = trainer.cfg
+    assert (cfg.max_epochs, cfg.iterations_per_epoch) == (56, 10)
+    due = [e for e in range(1, cfg.max_epochs + 1) if e % cfg.val_every == 0 or e == cfg.max_epochs]
+    assert len(due) <= 10 and due[-1] == 56

@@ -645,8 +645,11 @@ class Trainer:
     def _apply_budget(self, plan: BudgetPlan) -> None:
         self.state.budget_total_steps = plan.total_steps
         self.state.budget_chunk_steps = plan.chunk_steps
+        # validate after every chunk, or every k-th when re-sizing added chunks: the validations stay as planned
+        planned = self.state.budget_validations or plan.chunks
         self.cfg = dataclasses.replace(
-            self.cfg, max_epochs=plan.chunks, iterations_per_epoch=plan.chunk_steps, val_every=1
+            self.cfg, max_epochs=plan.chunks, iterations_per_epoch=plan.chunk_steps,
+            val_every=max(1, math.ceil(plan.chunks / max(1, planned))),
         )
         # no step starts later than this: the last validation and the model write still fit
         left = plan.budget_s - self.state.elapsed_s - plan.reserve_s - plan.validation_s
