@@ -637,12 +637,12 @@ def run_cohort(
                     confidence=prediction.confidence, volume_ranges=ranges,
                 )
             except Exception as err:
-                fail(case, err, sum(prepared.timings.values()))
+                fail(case, err, _seconds(prepared.timings))
                 continue
             row = {
                 **_row(case, anonymize),
                 "status": "ok",
-                "seconds": round(sum(prediction.timings.values()), 3),
+                "seconds": _seconds(prediction.timings),
                 "qc": qc,
                 "confidence": None if prediction.confidence is None else round(prediction.confidence, 4),
                 "geometry": volume.geometry.to_dict(),
@@ -654,6 +654,14 @@ def run_cohort(
         harvest(wait=True)
     result.rows = [rows[c.name] for c in cases if c.name in rows]
     return result
+
+
+#: The stages of ``Prediction.timings`` that add up to a case's time (others are parts of them, or counts).
+_STAGES = ("read_s", "preprocess_s", "sliding_window_s", "restore_s", "postprocess_s")
+
+
+def _seconds(timings: dict[str, float]) -> float:
+    return round(sum(float(timings.get(k, 0.0)) for k in _STAGES), 3)
 
 
 def _row(case: CohortCase, anonymize: bool) -> dict[str, Any]:
