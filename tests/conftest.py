@@ -37,6 +37,23 @@ def require_shared_data(*parts: str) -> Path:
         pytest.skip(reason)
     return path
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``gpu`` when torch sees no CUDA device (the default run stays CPU-only)."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu") is not None]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(
+        reason=f"needs a CUDA device: torch {torch.__version__} sees none (benchmarks/gpu_check.sh runs these on a GPU)"
+    )
+    for item in gpu_items:
+        item.add_marker(skip)
+
+
 # Orientations every geometry round trip is parametrized over (design §8).
 ORIENTATIONS = ["RAS", "LPS", "PIR", "oblique", "left_handed"]
 
