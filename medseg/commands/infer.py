@@ -84,6 +84,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--stats", action="store_true", help="also write per-label voxels, mL and boxes (<case>_stats.json/.csv)")
     parser.add_argument("--preview", action="store_true", help="also write <case>_preview.png (mask over 3 orthogonal slices)")
     parser.add_argument(
+        "--format", default="nifti", metavar="LIST",
+        help="output formats, comma-separated: nifti (always written), dicom-seg (<case>_seg.dcm, a DICOM "
+        "Segmentation) and rtstruct (<case>_rtstruct.dcm, an RT Structure Set); the DICOM formats need DICOM "
+        "series inputs and are read back and checked against the mask before they are kept",
+    )
+    parser.add_argument(
+        "--seg-type", choices=("binary", "labelmap"), default=None,
+        help="DICOM-SEG encoding: binary (default; every SEG reader) or labelmap (one frame per slice, "
+        "DICOM 2024; recent readers only)",
+    )
+    parser.add_argument(
         "--postprocess", metavar="MODE",
         help="largest (largest component per class), min-size=N (drop components < N voxels) or none",
     )
@@ -121,6 +132,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from medseg.errors import ConfigError
+    from medseg.inference.dicom_outputs import check_output_formats, parse_formats
     from medseg.inference.jobs import (
         anonymize_cases,
         collect_cases,
@@ -135,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.postprocess is not None:
         parse_postprocess(args.postprocess)  # fail before loading anything
+    formats = parse_formats(args.format)
     if (args.num_parts is None) != (args.part_id is None):
         raise ConfigError("--num-parts N and --part-id K go together (K in 0..N-1); pass both or neither.")
     model_dir = args.model if args.model is not None else newest_run(Path("runs"))
@@ -145,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     keep_going = len(cases) > 1  # a single scan stops at its error, as before: one line, exit 2
     if args.num_parts is not None:
         cases = select_part(cases, args.num_parts, args.part_id)
+    check_output_formats([(c.source, c.name) for c in cases], formats, anonymize=args.anonymize)
     if args.anonymize:
         cases = anonymize_cases(cases, series_uid=args.series_uid)
     out = args.output
@@ -157,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume:  # refuse existing outputs before the model is loaded
         plan_outputs(
             [(c.source, c.name) for c in cases], out, probabilities=args.probs, statistics=args.stats,
-            preview=args.preview, overwrite=args.overwrite, mask_path=mask_path,
+            preview=args.preview, overwrite=args.overwrite, mask_path=mask_path, formats=formats,
         )
     segmenter = Segmenter.load(
         model_dir, device=args.device, folds=args.folds, tta=args.tta, overlap=args.overlap,
@@ -173,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         overwrite=args.overwrite, resume=args.resume, keep_going=keep_going, series_uid=args.series_uid,
         mask_path=mask_path, anonymize=args.anonymize, resample_tilt=args.resample_tilt,
         manifest=manifest_name(args.num_parts or 1, args.part_id or 0),
+        formats=formats, dicom_seg_type=args.seg_type,
     )
     for row in result.written:
         print(mask_path if mask_path is not None else out / row["outputs"]["mask"])

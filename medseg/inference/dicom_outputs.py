@@ -88,8 +88,8 @@ __all__ = [
 
 #: Output formats of ``medseg infer --format`` (comma-separated; the NIfTI mask is always written).
 FORMATS = ("nifti", "dicom-seg", "rtstruct")
-#: DICOM format -> output kind (key in ``output_paths``) and file name suffix.
-DICOM_OUTPUT_KINDS = {"dicom-seg": ("dicom_seg", "_seg.dcm"), "rtstruct": ("rtstruct", "_rtstruct.dcm")}
+#: DICOM format -> output kind (key of ``segmenter.output_paths``; files ``<case>_seg.dcm``, ``<case>_rtstruct.dcm``).
+DICOM_OUTPUT_KINDS = {"dicom-seg": "dicom_seg", "rtstruct": "rtstruct"}
 SEG_TYPES = ("binary", "labelmap")
 #: BINARY: read by every DICOM-SEG reader; LABELMAP (Supplement 243, 2024) only by recent ones.
 DEFAULT_SEG_TYPE = "binary"
@@ -408,14 +408,26 @@ def write_dicom_seg(
 
 def _contours(binary: np.ndarray) -> list[np.ndarray]:
     """Closed contours (``(n, 2)`` array-index coordinates, not repeating the first point) of a 2D mask."""
-    from skimage.measure import approximate_polygon, find_contours
+    from skimage.measure import find_contours
 
     padded = np.pad(binary.astype(np.uint8), 1)
     out = []
     for contour in find_contours(padded, 0.5):
-        contour = approximate_polygon(contour, tolerance=0) - 1.0  # drop collinear points only
-        out.append(contour[:-1] if np.array_equal(contour[0], contour[-1]) else contour)
+        contour = contour[:-1] if np.array_equal(contour[0], contour[-1]) else contour
+        out.append(_drop_collinear(contour) - 1.0)
     return out
+
+
+def _drop_collinear(points: np.ndarray) -> np.ndarray:
+    """A closed polygon without the vertices that lie on the straight segment between their neighbours.
+
+    The shape is unchanged (find_contours' vertices are exact half-pixel values, so the test is exact);
+    straight runs of a pixel outline shrink to their end points.
+    """
+    before, after = points - np.roll(points, 1, axis=0), np.roll(points, -1, axis=0) - points
+    cross = before[:, 0] * after[:, 1] - before[:, 1] * after[:, 0]
+    keep = (cross != 0) | (np.sum(before * after, axis=1) <= 0)
+    return points[keep] if np.count_nonzero(keep) >= 3 else points
 
 
 def _contour_data(points: np.ndarray) -> Any:
@@ -635,8 +647,9 @@ def read_dicom_seg(path: str | os.PathLike, source: SourceSeries, geometry: Geom
                 f"{path.name}: frame {f + 1} at {ipp.tolist()} does not lie on the slice it references ({uid})."
             )
         plane = pixels[f].astype(np.int64)
-        if not labelmap:
-            plane = plane * int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        if not labelmap:  # the segment is per frame, or shared when there is only one
+            identification = frame.get("SegmentIdentificationSequence") or shared.SegmentIdentificationSequence
+            plane = plane * int(identification[0].ReferencedSegmentNumber)
         written = plane != 0
         if np.any(volume[:, :, k].T[written] != 0):
             raise OutputWriteError(f"{path.name}: two frames set the same voxel of slice {k}.")
@@ -735,19 +748,18 @@ def read_rtstruct(path: str | os.PathLike, source: SourceSeries, geometry: Geome
 
 def _mean_indices(volume: np.ndarray, values: Sequence[int]) -> dict[int, np.ndarray]:
     """Mean voxel index ``(i, j, k)`` of each value present in ``volume``, one slice at a time (little memory)."""
-    from scipy import ndimage
-
-    ii, jj = np.indices(volume.shape[:2], dtype=np.float64)
-    ones = np.ones(volume.shape[:2])
-    sums = np.zeros((len(values), 4))
+    ii, jj = (a.ravel() for a in np.indices(volume.shape[:2], dtype=np.float64))
+    size = int(max(values, default=0)) + 1
+    sums = np.zeros((size, 4))
     for k in range(volume.shape[2]):
-        plane = volume[:, :, k]
-        counts = np.asarray(ndimage.sum_labels(ones, plane, values))
-        if counts.any():
-            sums += np.column_stack([
-                ndimage.sum_labels(ii, plane, values), ndimage.sum_labels(jj, plane, values), counts * k, counts
-            ])
-    return {v: sums[n, :3] / sums[n, 3] for n, v in enumerate(values) if sums[n, 3] > 0}
+        plane = volume[:, :, k].ravel()
+        if plane.min() < 0 or plane.max() >= size:
+            plane = np.where((plane >= 0) & (plane < size), plane, 0)
+        counts = np.bincount(plane, minlength=size)
+        sums += np.column_stack([
+            np.bincount(plane, ii, size), np.bincount(plane, jj, size), counts * float(k), counts
+        ])
+    return {v: sums[v, :3] / sums[v, 3] for v in values if sums[v, 3] > 0}
 
 
 def _verify(
@@ -818,21 +830,28 @@ def write_dicom_outputs(
     paths: dict[str, Path],
     *,
     volume: Volume | None = None,
-    seg_type: str = DEFAULT_SEG_TYPE,
+    seg_type: str | None = None,
     overwrite: bool = False,
+    anonymize: bool = False,
 ) -> dict[str, Path]:
     """Write the DICOM outputs named in ``paths`` (kinds ``dicom_seg``, ``rtstruct``) for a prediction.
 
-    ``volume`` is the scan as read (its folder, series and whether it was resampled).
+    ``volume`` is the scan as read (its folder, series and whether it was resampled);
+    ``seg_type``: ``binary`` or ``labelmap`` (None: :data:`DEFAULT_SEG_TYPE`).
 
     Raises:
-        ConfigError: the scan was not read from a DICOM folder.
+        ConfigError: the scan was not read from a DICOM folder, or ``anonymize``.
         DicomSeriesError, GeometryError: the source slices cannot be referenced.
         OutputWriteError: a read-back check failed (nothing of that object is left).
     """
-    wanted = [kind for kind, _suffix in DICOM_OUTPUT_KINDS.values() if kind in paths]
+    wanted = [kind for kind in DICOM_OUTPUT_KINDS.values() if kind in paths]
     if not wanted:
         return {}
+    if anonymize:
+        raise ConfigError(
+            "DICOM-SEG/RTSTRUCT outputs cannot be anonymized: a DICOM object must carry the patient and study "
+            "identifiers of its source series. De-identify the series first, or write NIfTI only."
+        )
     if volume is None:
         raise ConfigError("DICOM outputs need the scan as read: pass volume= to Segmenter.write().")
     source = load_source_series(volume)
@@ -840,7 +859,7 @@ def write_dicom_outputs(
     if "dicom_seg" in paths:
         written["dicom_seg"] = write_dicom_seg(
             prediction.mask, prediction.geometry, prediction.labels, source, paths["dicom_seg"],
-            seg_type=seg_type, overwrite=overwrite,
+            seg_type=seg_type or DEFAULT_SEG_TYPE, overwrite=overwrite,
         )
     if "rtstruct" in paths:
         written["rtstruct"] = write_rtstruct(

@@ -490,6 +490,8 @@ def run_cohort(
     mask_path: str | os.PathLike | None = None,
     manifest: str | None = MANIFEST_NAME,
     prefetch: bool = True,
+    formats: Sequence[str] = ("nifti",),
+    dicom_seg_type: str | None = None,
 ) -> CohortResult:
     """Segment a cohort into ``out_dir``, case by case, with a manifest (module doc).
 
@@ -507,6 +509,7 @@ def run_cohort(
         mask_path: explicit mask file for a single case (no manifest is written then).
         manifest: file name stem of the manifest (:func:`manifest_name`), or None for none.
         prefetch: read the next case while the network works on the current one.
+        formats, dicom_seg_type: DICOM outputs for DICOM series cases (``Segmenter.predict_many``).
 
     Returns:
         The manifest rows of this run's cases.
@@ -527,7 +530,7 @@ def run_cohort(
     out_dir = Path(out_dir)
     plans = [
         output_paths(c.name, out_dir, probabilities=probabilities, statistics=statistics, preview=preview,
-                     mask_path=mask_path)
+                     mask_path=mask_path, formats=formats)
         for c in cases
     ]
     book = None
@@ -613,7 +616,9 @@ def run_cohort(
 
         def write(prediction: Any, paths: dict[str, Path], volume: Any, replace: bool) -> tuple[dict[str, Path], float]:
             t0 = time.perf_counter()
-            written = segmenter.write(prediction, paths, volume=volume, overwrite=replace, anonymize=anonymize)
+            written = segmenter.write(
+                prediction, paths, volume=volume, overwrite=replace, anonymize=anonymize, dicom_seg_type=dicom_seg_type
+            )
             return written, time.perf_counter() - t0
 
         upcoming: concurrent.futures.Future | None = None

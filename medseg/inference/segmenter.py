@@ -98,6 +98,8 @@ OUTPUT_SUFFIXES = {
     "statistics_csv": "_stats.csv",
     "preview": "_preview.png",
     "provenance": "_provenance.json",
+    "dicom_seg": "_seg.dcm",  # --format dicom-seg (medseg.inference.dicom_outputs)
+    "rtstruct": "_rtstruct.dcm",  # --format rtstruct
 }
 
 SCAN_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
@@ -227,11 +229,13 @@ def output_paths(
     statistics: bool = False,
     preview: bool = False,
     mask_path: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("nifti",),
 ) -> dict[str, Path]:
     """Output files of one case: ``<case>_mask.nii.gz`` and the asked-for side outputs.
 
     ``mask_path`` names the mask file explicitly (single-input ``-o file.nii.gz``);
-    side outputs then go beside it with the mask's stem.
+    side outputs then go beside it with the mask's stem. ``formats`` adds the DICOM
+    outputs (``dicom-seg``, ``rtstruct``; the NIfTI mask is always written).
     """
     out_dir = Path(out_dir)
     stem = case
@@ -251,6 +255,9 @@ def output_paths(
     }
     for kind, on in wanted.items():
         if on:
+            paths[kind] = out_dir / (stem + OUTPUT_SUFFIXES[kind])
+    for kind in ("dicom_seg", "rtstruct"):
+        if kind.replace("_", "-") in formats:
             paths[kind] = out_dir / (stem + OUTPUT_SUFFIXES[kind])
     return paths
 
@@ -520,6 +527,10 @@ class Segmenter:
                 sizes[kind] = (4 << 10) + STATS_MAX_BYTES_PER_LABEL * len(self.plan.label_values)
             elif kind == "preview":
                 sizes[kind] = PREVIEW_MAX_BYTES
+            elif kind in ("dicom_seg", "rtstruct"):
+                from medseg.inference.dicom_outputs import output_size_bound
+
+                sizes[kind] = output_size_bound(kind, spatial, len(self.plan.label_values) - 1)
             else:
                 sizes[kind] = PROVENANCE_MAX_BYTES + (1 << 10) * len(self.models)
         return sizes
@@ -685,11 +696,14 @@ class Segmenter:
         volume: Volume | None = None,
         overwrite: bool = False,
         anonymize: bool = False,
+        dicom_seg_type: str | None = None,
     ) -> dict[str, Path]:
         """Write a prediction's outputs (kinds as in :func:`output_paths`); returns what was written.
 
         The mask is written with ``medseg.io.write_mask`` (atomic, geometry
-        checked). ``volume`` (the scan) is needed for the preview. ``anonymize``
+        checked). ``volume`` (the scan) is needed for the preview and the DICOM
+        outputs (``dicom_seg_type``: ``binary`` or ``labelmap``, see
+        :mod:`medseg.inference.dicom_outputs`). ``anonymize``
         writes the provenance without input and model paths
         (:func:`~medseg.inference.provenance.anonymize_provenance`); the other
         outputs hold no path, only the case name of ``paths``.
@@ -702,6 +716,12 @@ class Segmenter:
         for path in paths.values():
             check_output_path(path, overwrite=overwrite, inputs=inputs)
         written["mask"] = write_mask(prediction.mask, like, paths["mask"], overwrite=overwrite)
+        if "dicom_seg" in paths or "rtstruct" in paths:
+            from medseg.inference.dicom_outputs import write_dicom_outputs
+
+            written.update(write_dicom_outputs(
+                prediction, paths, volume=volume, seg_type=dicom_seg_type, overwrite=overwrite, anonymize=anonymize
+            ))
         if "probabilities" in paths:
             if prediction.probabilities is None:
                 raise ConfigError("probabilities were not computed: call predict(..., probabilities=True).")
@@ -750,6 +770,8 @@ class Segmenter:
         prefetch: bool = True,
         anonymize: bool = False,
         resample_tilt: bool = False,
+        formats: Sequence[str] = ("nifti",),
+        dicom_seg_type: str | None = None,
     ) -> list[dict[str, Path]]:
         """Segment several scans and write their outputs into ``out_dir``.
 
@@ -774,16 +796,23 @@ class Segmenter:
                 (:func:`~medseg.inference.provenance.anonymous_case_name`; names given
                 in ``(path, name)`` pairs are replaced) and write no input or model
                 path into any output.
+            formats: also ``dicom-seg`` and/or ``rtstruct`` for DICOM series inputs
+                (:mod:`~medseg.inference.dicom_outputs`), with ``dicom_seg_type``
+                ``binary`` (default) or ``labelmap``.
 
         Returns:
             Per case, output kind -> path written.
         """
+        from medseg.inference.dicom_outputs import check_output_formats, parse_formats
+
         cases = [(Path(s[0]), s[1]) if isinstance(s, tuple) else (Path(s), case_name(s)) for s in scans]
+        formats = parse_formats(formats)
+        check_output_formats(cases, formats, anonymize=anonymize)
         if anonymize:
             cases = _named(cases, anonymize=True)
         plans = plan_outputs(
             cases, out_dir, probabilities=probabilities, statistics=statistics, preview=preview,
-            overwrite=overwrite, mask_path=mask_path,
+            overwrite=overwrite, mask_path=mask_path, formats=formats,
         )
         if not cases:
             return []
@@ -826,7 +855,8 @@ class Segmenter:
                 prediction = self._finish(prepared, probabilities=probabilities)
                 _make_output_dir(plans[i]["mask"].parent)
                 write = writer.submit(
-                    self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite, anonymize=anonymize
+                    self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite, anonymize=anonymize,
+                    dicom_seg_type=dicom_seg_type,
                 )
                 writes.append((write, sum(self.output_bytes(plans[i], shape).values())))
                 del prepared, prediction
@@ -888,6 +918,7 @@ def plan_outputs(
     preview: bool = False,
     overwrite: bool = False,
     mask_path: str | os.PathLike | None = None,
+    formats: Sequence[str] = ("nifti",),
 ) -> list[dict[str, Path]]:
     """Output paths of every case (see :func:`output_paths`), checked before any work starts.
 
@@ -900,7 +931,8 @@ def plan_outputs(
     plans = []
     for path, name in cases:
         paths = output_paths(
-            name, out_dir, probabilities=probabilities, statistics=statistics, preview=preview, mask_path=mask_path
+            name, out_dir, probabilities=probabilities, statistics=statistics, preview=preview, mask_path=mask_path,
+            formats=formats,
         )
         for p in paths.values():
             _check_planned_output(p, path, overwrite=overwrite)
