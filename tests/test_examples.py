@@ -260,7 +260,7 @@ def test_dicom_walkthrough_runs_as_written(real_ct_example, tmp_path):
     assert ran >= 8
     for suffix in ("mask.nii.gz", "preview.png", "provenance.json", "stats.csv", "stats.json"):
         assert (sandbox / "out" / f"ct_dicom_series_{suffix}").is_file(), suffix
-    assert (sandbox / "out_two" / "two_series_mask.nii.gz").is_file()
+    assert (sandbox / "out_two" / "two_series_84b67866_mask.nii.gz").is_file()
 
 
 # --------------------------------------------------------------------------- configs and index

@@ -192,3 +192,12 @@ def test_re_sizing_to_more_chunks_keeps_the_planned_number_of_validations(tmp_pa
     assert (cfg.max_epochs, cfg.iterations_per_epoch) == (56, 10)
     due = [e for e in range(1, cfg.max_epochs + 1) if e % cfg.val_every == 0 or e == cfg.max_epochs]
     assert len(due) <= 10 and due[-1] == 56
+
+
+@pytest.mark.slow
+def test_budget_chunks_longer_than_iterations_per_epoch_do_not_run_the_loader_dry(phantoms, tmp_path):
+    # the budget sizes chunks of hundreds of steps here; train.iterations_per_epoch no longer bounds the loader
+    run = medseg.train(phantoms, None, output_dir=tmp_path / "run",
+                       overrides=[*FAST, "train.iterations_per_epoch=2", "train.time_budget=15s"])
+    state = load_checkpoint(run.run_dir / "fold_0" / "checkpoint_last.pt", map_location="cpu")["trainer"]
+    assert state["budget_chunk_steps"] > 2 and run.status == "completed"

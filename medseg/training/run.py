@@ -53,6 +53,8 @@ RANK_SEED_STRIDE = 1_000_003
 """Each torchrun rank samples patches from seed ``train.seed + RANK_SEED_STRIDE * rank``."""
 
 # fields that may differ between a run and its --resume (they do not change what is trained)
+BUDGET_EPOCH_STRIDE = 1_000_000  # time budget: batch numbers of chunk e start at e * this (no chunk is longer)
+
 RESUMABLE_CHANGES = {
     "train.max_epochs",
     "train.time_budget",
@@ -604,12 +606,19 @@ def _fold_data(
         cache.prepare(needed)
     barrier()
     cache.prepare(needed)
+    # a time budget sizes the trainer's epochs (chunks) at run time: an endless stream numbered from
+    # (epoch, start), so a chunk longer than train.iterations_per_epoch never runs the loader dry
+    budget = cfg.train.time_budget is not None
     loader = build_train_loader(
-        index, plan, cfg, cache=cache, split=split, seed=cfg.train.seed + RANK_SEED_STRIDE * info.rank
+        index, plan, cfg, cache=cache, split=split, seed=cfg.train.seed + RANK_SEED_STRIDE * info.rank,
+        iterations_per_epoch=None if budget else -1,
     )
 
     def batches(epoch: int, start: int) -> Any:
-        loader.batch_sampler.set_epoch(epoch, offset=start)
+        if budget:
+            loader.batch_sampler.set_epoch(0, offset=epoch * BUDGET_EPOCH_STRIDE + start)
+        else:
+            loader.batch_sampler.set_epoch(epoch, offset=start)
         return loader
 
     val_cases = []
