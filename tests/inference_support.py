@@ -130,3 +130,10 @@ def save_model(
         fold=fold,
         training_info={"epoch": 0, "best_epoch": 0, "val_dice": {}},
     )
+
+
+def one_error_line(capsys) -> str:
+    """The CLI's stderr, which must be exactly one line (the error)."""
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]

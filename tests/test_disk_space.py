@@ -22,7 +22,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import make_affine, sphere_mask
-from inference_support import make_plan, save_model
+from inference_support import make_plan, one_error_line, save_model
 
 from medseg.cli import main
 from medseg.errors import OutputWriteError
@@ -60,12 +60,6 @@ def model(tmp_path):
     return save_model(tmp_path / "model", make_plan(target_spacing=(1.2, 1.2, 2.5)))
 
 
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
-
-
 def test_check_free_space_refuses_more_than_is_free_and_names_the_folder(tmp_path):
     free = shutil.disk_usage(tmp_path).free
     target = tmp_path / "not_yet" / "out"  # a folder to be created: its existing parent is measured
@@ -83,7 +77,7 @@ def test_infer_refuses_a_scan_whose_outputs_cannot_fit_before_reading_it(tmp_pat
     scan = _header_only_scan(tmp_path / "huge.nii.gz", free + TIB)  # the mask alone: 1 byte per voxel
     out = tmp_path / "out"
     assert main(["infer", str(scan), "-m", str(model), "-o", str(out)]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert line.startswith(f"medseg infer: OutputWriteError: not enough free space in {out}: the outputs of huge_mask")
     assert "mask " in line and "is free" in line
     assert not out.exists()

@@ -13,7 +13,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from conftest import make_affine, sha256, sphere_mask
-from inference_support import make_plan, save_model
+from inference_support import make_plan, one_error_line, save_model
 
 from medseg.cli import main
 from medseg.inference.segmenter import Segmenter
@@ -33,12 +33,6 @@ def _scan(path: Path, kind: str = "PIR", channels: int = 1) -> Path:
 @pytest.fixture
 def model(tmp_path):
     return save_model(tmp_path / "model", make_plan(target_spacing=(1.2, 1.2, 2.5)))
-
-
-def _one_error_line(capsys) -> str:
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    return err[0]
 
 
 def test_cli_and_python_api_give_identical_masks(tmp_path, model):
@@ -90,7 +84,7 @@ def test_newest_run_is_used_without_model_flag(tmp_path, monkeypatch, capsys):
     scan = _scan(tmp_path / "scan.nii.gz")
     monkeypatch.chdir(tmp_path)
     assert main(["infer", str(scan), "-o", "out"]) == 2
-    assert "Pass one with -m" in _one_error_line(capsys)
+    assert "Pass one with -m" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
     save_model(tmp_path / "runs" / "r1" / "fold_0" / "model", make_plan(target_spacing=(1.2, 1.2, 2.5)))
     assert main(["infer", str(scan), "-o", "out"]) == 0
@@ -100,7 +94,7 @@ def test_newest_run_is_used_without_model_flag(tmp_path, monkeypatch, capsys):
 def test_2d_scan_to_3d_model_exits_2_with_nothing_written(tmp_path, model, capsys):
     nib.save(nib.Nifti1Image(np.zeros((30, 20), dtype=np.int16), np.eye(4)), tmp_path / "slice.nii.gz")
     assert main(["infer", str(tmp_path / "slice.nii.gz"), "-m", str(model), "-o", str(tmp_path / "out")]) == 2
-    line = _one_error_line(capsys)
+    line = one_error_line(capsys)
     assert line.startswith("medseg infer: GeometryError: slice.nii.gz is 2D (30, 20) but the model expects 3D")
     assert not (tmp_path / "out").exists()
 
@@ -108,7 +102,7 @@ def test_2d_scan_to_3d_model_exits_2_with_nothing_written(tmp_path, model, capsy
 def test_wrong_channel_count_exits_2_with_nothing_written(tmp_path, model, capsys):
     scan = _scan(tmp_path / "two.nii.gz", channels=2)
     assert main(["infer", str(scan), "-m", str(model), "-o", str(tmp_path / "out")]) == 2
-    assert "two.nii.gz: found (26, 22, 14, 2) with 2 channels; the model expects 1 channel (CT)" in _one_error_line(capsys)
+    assert "two.nii.gz: found (26, 22, 14, 2) with 2 channels; the model expects 1 channel (CT)" in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
 
 
@@ -117,11 +111,11 @@ def test_unreadable_scan_exits_2_with_nothing_written(tmp_path, model, capsys):
     data = good.read_bytes()
     (tmp_path / "bad.nii.gz").write_bytes(data[: len(data) // 2])
     assert main(["infer", str(tmp_path / "bad.nii.gz"), "-m", str(model), "-o", str(tmp_path / "out")]) == 2
-    assert "medseg infer: ScanReadError: " in _one_error_line(capsys)
+    assert "medseg infer: ScanReadError: " in one_error_line(capsys)
     assert not (tmp_path / "out").exists()
     (tmp_path / "empty").mkdir()
     assert main(["infer", str(tmp_path / "empty"), "-m", str(model)]) == 2
-    assert "is empty" in _one_error_line(capsys)
+    assert "is empty" in one_error_line(capsys)
 
 
 def test_existing_output_needs_overwrite_and_inputs_are_never_replaced(tmp_path, model, capsys):
@@ -131,11 +125,11 @@ def test_existing_output_needs_overwrite_and_inputs_are_never_replaced(tmp_path,
     (out / "scan_mask.nii.gz").write_bytes(b"keep me")
     before = sha256(scan)
     assert main(["infer", str(scan), "-m", str(model), "-o", str(out)]) == 2
-    assert "exists; pass --overwrite" in _one_error_line(capsys)
+    assert "exists; pass --overwrite" in one_error_line(capsys)
     assert (out / "scan_mask.nii.gz").read_bytes() == b"keep me"
     assert sorted(os.listdir(out)) == ["scan_mask.nii.gz"]
     assert main(["infer", str(scan), "-m", str(model), "-o", str(scan), "--overwrite"]) == 2
-    assert "would write onto the input" in _one_error_line(capsys)
+    assert "would write onto the input" in one_error_line(capsys)
     assert sha256(scan) == before
     assert main(["infer", str(scan), "-m", str(model), "-o", str(out), "--overwrite"]) == 0
     assert nib.load(out / "scan_mask.nii.gz").shape == SHAPE
@@ -144,7 +138,7 @@ def test_existing_output_needs_overwrite_and_inputs_are_never_replaced(tmp_path,
 def test_bad_flags_are_refused_before_any_work(tmp_path, model, capsys):
     scan = _scan(tmp_path / "scan.nii.gz")
     assert main(["infer", str(scan), "-m", str(model), "--postprocess", "biggest", "-o", str(tmp_path / "o")]) == 2
-    assert "postprocess 'biggest' is not valid" in _one_error_line(capsys)
+    assert "postprocess 'biggest' is not valid" in one_error_line(capsys)
     with pytest.raises(SystemExit) as exit_info:
         main(["infer", str(scan), "-m", str(model), "--overlap", "1.5"])
     assert exit_info.value.code == 2
@@ -192,4 +186,4 @@ def test_output_folder_under_a_file_is_one_clear_line_before_any_work(tmp_path, 
     blocker = tmp_path / "a_file"
     blocker.write_text("x")
     assert main(["infer", str(scan), "-m", str(model), "-o", str(blocker / "out")]) == 2
-    assert "a_file is a file, not a folder" in _one_error_line(capsys)
+    assert "a_file is a file, not a folder" in one_error_line(capsys)

@@ -150,3 +150,18 @@ def test_two_gloo_ranks_on_different_data_keep_identical_weights_that_average_th
     assert any(not torch.allclose(rank0[k], alone[k], atol=1e-4) for k in rank0), "rank 0 ignored rank 1's data"
     for key in rank0:  # the mean of the ranks' gradients is the gradient of the mean loss over both batches
         torch.testing.assert_close(rank0[key], both[key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_time_budget_under_torchrun_sizes_both_ranks_alike_and_ends_in_time(tmp_path):
+    """The ranks agree on one plan (a deadlock or a rank-dependent step count would hang or fail)."""
+    dataset = write_synthetic_dataset(tmp_path / "Phantoms", num_cases=6, kind="ct", seed=3, shape=(32, 32, 24))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", "-m", "medseg", "train", str(dataset), "-o", str(tmp_path / "ddp"),
+           "--device", "cpu", "--time-budget", "45s", "--set", *TINY, "data.spatial_dims=3"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "distributed: rank 0 of 2 (cpu, backend gloo)" in proc.stderr
+    assert proc.stderr.count("budget 45s: ") == 1  # rank 0 speaks for the job
+    state = load_checkpoint(tmp_path / "ddp" / "fold_0" / "checkpoint_last.pt")["trainer"]
+    assert state["budget_total_steps"] >= 50 and state["elapsed_s"] <= 47.0
