@@ -31,14 +31,14 @@ def run(args: argparse.Namespace) -> int:
     total = sum(result.seconds.values())
     print()
     print(f"medseg demo finished in {total / 60:.1f} min on {what}")
-    print(f"  {'dataset':<10}{result.dataset_dir}")
-    print(f"  {'run':<10}{result.run_dir}   (config, plan, splits, metrics.csv, TensorBoard events)")
-    print(f"  {'model':<10}{result.model_dir}")
-    print(f"  {'scan':<10}{result.scan}")
+    print(f"  {'dataset':<11}{result.dataset_dir}")
+    print(f"  {'run':<11}{result.run_dir}   (config, plan, splits, metrics.csv, TensorBoard events)")
+    print(f"  {'model':<11}{result.model_dir}")
+    print(f"  {'scan':<11}{result.scan}")
     for kind in ("mask", "preview", "statistics"):
         if kind in result.outputs:
-            print(f"  {kind:<10}{result.outputs[kind]}")
-    print(f"  {'report':<10}{result.report_dir}")
+            print(f"  {kind:<11}{result.outputs[kind]}")
+    print(f"  {'report':<11}{result.report_dir}")
     print()
     print("Held-out scan vs its reference:")
     print(f"  {'class':<20} {'Dice':>6} {'HD95 (mm)':>10}")
@@ -49,6 +49,6 @@ def run(args: argparse.Namespace) -> int:
     print("Next:")
     print(f"  medseg infer YOUR_SCAN.nii.gz -m {result.model_dir} -o out/ --preview --stats")
     print(f"  medseg evaluate out/ REFERENCE_MASKS/ --labels {result.model_dir}")
-    print("  medseg check YOUR_DATASET/ && medseg train YOUR_DATASET/ -c configs/cpu_quick.yaml")
+    print("  medseg check YOUR_DATASET/ && medseg train YOUR_DATASET/ --time-budget 25m")
     print(f"  tensorboard --logdir {result.run_dir}")
     return 0
