@@ -169,7 +169,7 @@ def test_train_and_infer_read_fold_lists_the_same_way(command, given):
 @pytest.mark.parametrize("command", ["train", "infer"])
 def test_train_and_infer_refuse_the_same_bad_fold_lists(command, capsys):
     for bad, message in ((["0,x"], "fold must be a number >= 0 or 'all', got 'x'"), (["1", "1"], "fold 1 given more than once")):
-        with pytest.raises(SystemExit):
+        with pytest.raises(SystemExit, match=r"^2$"):
             build_parser().parse_args([command, "x", "--folds", *bad])
         assert f"argument --folds: {message}" in capsys.readouterr().err
 

@@ -267,7 +267,7 @@ def test_a_failed_commit_leaves_no_temporary(tmp_path):
     (tmp_path / "out.json").mkdir()  # a folder where the file should go: the rename fails
     with pytest.raises(OutputWriteError, match=r"writing .*out\.json failed"):
         write_json_atomic({"a": 1}, tmp_path / "out.json", overwrite=True)
-    with pytest.raises(OutputExistsError):
+    with pytest.raises(OutputExistsError, match=r"out\.json already exists; pass overwrite=True"):
         write_json_atomic({"a": 1}, tmp_path / "out.json")
     assert names(tmp_path) == ["out.json"] and names(tmp_path / "out.json") == []
 

@@ -79,7 +79,7 @@ def test_training_start_removes_leftovers_of_a_killed_save(tmp_path):
         old = time.time() - max(2 * STALE_TEMP_SECONDS, 7200)
         os.utime(path, (old, old))
     (run / "fold_0" / ".mine.tmp").write_text("not medseg's")
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=r"problem.* in .*Broken"):
         medseg.train(broken, output_dir=run, overrides=FAST)
     assert sorted(p.name for p in run.rglob("*")) == [".mine.tmp", "fold_0"]
 

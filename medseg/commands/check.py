@@ -36,16 +36,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
     from medseg.data import check_dataset, scan_dataset
-    from medseg.errors import DatasetError
 
-    try:
-        index = scan_dataset(args.dataset, collect_problems=True, resample_tilt=args.resample_tilt)
-    except DatasetError as err:
-        print(f"medseg check: DatasetError: {err}", file=sys.stderr)
-        return 2
+    # an unrecognised folder raises DatasetError: medseg.cli prints it as one line and exits 2
+    index = scan_dataset(args.dataset, collect_problems=True, resample_tilt=args.resample_tilt)
     print(f"{index.root}: {index.layout} layout, {len(index.cases)} training case(s)"
           + (f", {len(index.test_cases)} test case(s)" if index.test_cases else ""))
     report = check_dataset(index, num_folds=args.folds, ignore_label=args.ignore_label)
