@@ -18,6 +18,7 @@ then renamed into place; an existing file is kept unless ``overwrite=True``.
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import os
 import platform
@@ -45,15 +46,30 @@ ANONYMOUS_HASH_DIGITS = 12
 
 
 def hash_input(path: str | os.PathLike) -> str:
-    """sha256 of a file, or of every file in a folder (sorted by name; names included)."""
+    """sha256 of a file, or of every file in a folder (sorted by name; names included).
+
+    Remembered per file path, size and modification time within a process: a cohort
+    run names, predicts and records each input, and reads it for hashing only once.
+    """
     path = Path(path)
-    h = hashlib.sha256()
-    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    is_dir = path.is_dir()
+    files = sorted(p for p in path.iterdir() if p.is_file()) if is_dir else [path]
+    stamps = []
     for f in files:
-        if path.is_dir():
+        st = f.stat()
+        stamps.append((str(f), st.st_size, st.st_mtime_ns))
+    return _hash_files(tuple(stamps), is_dir)
+
+
+@functools.lru_cache(maxsize=4096)
+def _hash_files(stamps: tuple[tuple[str, int, int], ...], named: bool) -> str:
+    h = hashlib.sha256()
+    for name, _size, _mtime in stamps:
+        f = Path(name)
+        if named:
             h.update(f.name.encode())
         with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
+            for chunk in iter(lambda fh=fh: fh.read(1 << 20), b""):
                 h.update(chunk)
     return h.hexdigest()
 
