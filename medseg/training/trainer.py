@@ -695,15 +695,12 @@ class Trainer:
         step_s, validation_s, spent = self._agreed(
             measured, self._last_validation_s or 0.0, self.state.elapsed_s
         )
-        try:
-            plan = plan_budget(
-                self.budget_s, step_s=step_s, validation_s=validation_s, spent_s=spent,
-                steps_done=self.state.epoch * chunk, validations_done=self.state.validations,
-                validations=self.state.budget_validations, chunk_steps=chunk,
-                has_validation=bool(self.val_cases), min_steps=0,
-            )
-        except TrainingError:  # pragma: no cover - min_steps=0 cannot refuse
-            return
+        plan = plan_budget(  # min_steps=0: re-sizing never refuses, it only shortens or extends
+            self.budget_s, step_s=step_s, validation_s=validation_s, spent_s=spent,
+            steps_done=self.state.epoch * chunk, validations_done=self.state.validations,
+            validations=self.state.budget_validations, chunk_steps=chunk,
+            has_validation=bool(self.val_cases), min_steps=0,
+        )
         if plan.chunks != self.cfg.max_epochs:
             log.info(
                 "budget: re-sized to %d steps (%d chunks; measured %.2g s/step, %.0f s per validation)",
