@@ -44,6 +44,7 @@ from medseg.errors import (
     OutputWriteError,
 )
 from medseg.io.atomic import write_text_atomic
+from medseg.records import json_safe
 
 __all__ = [
     "CSV_NAME",
@@ -450,7 +451,7 @@ class EvaluationReport:
     # --- serialisation ----------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """The summary JSON (NaN -> null, inf -> "inf")."""
-        return _json_safe(
+        return json_safe(
             {
                 "format_version": SUMMARY_FORMAT_VERSION,
                 "n_cases": len(self.cases),
@@ -610,24 +611,6 @@ def _fmt_csv(v: Any) -> Any:
     return v
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, float):
-        if math.isnan(obj):
-            return None
-        if math.isinf(obj):
-            return "inf" if obj > 0 else "-inf"
-        return obj
-    if isinstance(obj, np.generic):
-        return _json_safe(obj.item())
-    if isinstance(obj, Mapping):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
-
-
 def _report_paths(out: Path, *, lesions: bool) -> list[Path]:
     paths = [out / CSV_NAME, out / SUMMARY_NAME]
     if lesions:
@@ -784,7 +767,7 @@ def evaluate(
         classes=classes,
         metrics=names,
         summary=summary,
-        settings=_json_safe(
+        settings=json_safe(
             {
                 "prediction": None if anonymize else str(pred),
                 "reference": None if anonymize else str(gt),

@@ -37,6 +37,7 @@ from medseg.data.plan import Plan
 from medseg.data.preprocess import PREPROCESS_VERSION, PreprocessRecord, preprocess_case
 from medseg.errors import DatasetError
 from medseg.io.atomic import atomic_path
+from medseg.records import field_problems
 
 __all__ = ["CACHE_FORMAT_VERSION", "LOCATIONS_PER_CLASS", "CachedCase", "PreprocessedCache", "plan_cache_key"]
 
@@ -193,7 +194,6 @@ class PreprocessedCache:
         Raises:
             DatasetError: unreadable, not JSON, or a field missing or of the wrong type (named).
         """
-        from medseg.config import field_problems
 
         try:
             meta = json.loads(path.read_text(encoding="utf-8"))

@@ -21,6 +21,7 @@ import numpy as np
 from medseg.data.folders import DatasetIndex, read_case
 from medseg.data.preprocess import nonzero_bbox, orientation_transform, reorient
 from medseg.errors import ConfigError, DatasetError, GeometryError, ScanReadError
+from medseg.records import check_record, field_problems
 
 __all__ = ["FINGERPRINT_FORMAT_VERSION", "SAMPLES_PER_CASE", "Fingerprint", "compute_fingerprint", "modality_of"]
 
@@ -113,7 +114,6 @@ class Fingerprint:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Fingerprint:
-        from medseg.config import check_record, field_problems
 
         check_record(cls, data, version=FINGERPRINT_FORMAT_VERSION, what="fingerprint",
                      remedy="recompute it with compute_fingerprint.")

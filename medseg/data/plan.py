@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.errors import ConfigError
+from medseg.records import check_record, field_problems
 
 PLAN_FORMAT_VERSION = 1
 
@@ -169,7 +170,6 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:
-        from medseg.config import check_record, field_problems
 
         check_record(cls, data, version=PLAN_FORMAT_VERSION, what="plan",
                      remedy="re-plan the dataset or use the medseg version that made it.")

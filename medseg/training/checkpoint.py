@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.errors import CheckpointError
 from medseg.io.atomic import atomic_path
+from medseg.records import field_problems
 
 if TYPE_CHECKING:
     import torch
@@ -193,7 +194,6 @@ def load_training_state(
     """
     import torch
 
-    from medseg.config import field_problems
     from medseg.training.model_folder import check_state_dict
 
     path = Path(path)

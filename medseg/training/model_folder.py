@@ -35,7 +35,6 @@ Where model folders live in a run (see docs/training.md)::
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 from collections.abc import Callable, Sequence
@@ -43,10 +42,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from medseg.config import InferConfig, config_from_dict, field_problems
+from medseg.config import InferConfig, config_from_dict
 from medseg.data.plan import Plan
 from medseg.errors import CheckpointError, ConfigError
 from medseg.io.atomic import atomic_dir
+from medseg.records import field_problems, file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -164,14 +164,10 @@ def save_model_folder(
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as err:
         raise _cannot_read(path, err) from err
-    return h.hexdigest()
 
 
 def _cannot_read(path: Path, err: OSError) -> CheckpointError:

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from medseg.config import Config, apply_override, config_from_dict, load_config, save_config
 from medseg.errors import ConfigError, DatasetError, OutputWriteError
 from medseg.io.atomic import clean_stale_temps, refuse_output_over_inputs, write_json_atomic
+from medseg.records import json_safe
 from medseg.training.trainer import CHECKPOINT_LAST
 
 if TYPE_CHECKING:
@@ -650,15 +651,5 @@ def _summarise(run_dir: Path, cfg: Config, plan: Plan, results: list[FoldResult]
         metrics = {"val_dice": mean_dice, "mean_fg_dice": sum(fg) / len(fg) if fg else None, "per_fold": per_fold}
         model_dir = run_dir
         if write:
-            _write_json(run_dir / "cv_summary.json", _json_safe({"folds": [str(r.fold) for r in results], **metrics}))
+            _write_json(run_dir / "cv_summary.json", json_safe({"folds": [str(r.fold) for r in results], **metrics}))
     return Run(run_dir=run_dir, model_dir=model_dir, status=status, folds=results, metrics=metrics, config=cfg, plan=plan)
-
-
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
