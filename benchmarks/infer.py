@@ -149,8 +149,8 @@ def prepare(work: Path, cases: list[str], large: bool) -> dict[str, Path]:
     import nibabel as nib
 
     from medseg.config import InferConfig
+    from medseg.model_folder import save_model_folder
     from medseg.models import create_model_from_plan
-    from medseg.training.model_folder import save_model_folder
 
     _register()
     work.mkdir(parents=True, exist_ok=True)
@@ -230,7 +230,7 @@ def worker_monai(scan: Path, model_dir: Path, out: Path) -> dict:
         Spacingd,
     )
 
-    from medseg.training.model_folder import load_model_folder
+    from medseg.model_folder import load_model_folder
 
     _register()
     net = load_model_folder(model_dir, device="cpu").model.eval()

@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medseg import metrics as M
+import medseg.metrics as M
 from medseg.errors import (
     ConfigError,
     DatasetError,

@@ -16,8 +16,8 @@ from torch import nn
 
 from medseg.config import InferConfig
 from medseg.data.plan import ChannelNorm, Plan
+from medseg.model_folder import save_model_folder
 from medseg.models import list_models, register_model
-from medseg.training.model_folder import save_model_folder
 
 
 def make_plan(

@@ -29,9 +29,9 @@ from medseg.inference.segmenter import Segmenter
 from medseg.inference.sliding_window import _choose_accumulator_device, iter_logit_slabs, predict_logits
 from medseg.io import read_volume
 from medseg.losses import build_loss
+from medseg.model_folder import load_model_folder
 from medseg.models import create_model_from_plan
 from medseg.training.checkpoint import load_checkpoint
-from medseg.training.model_folder import load_model_folder
 
 pytestmark = pytest.mark.gpu
 

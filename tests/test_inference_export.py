@@ -16,7 +16,7 @@ from medseg.cli import main
 from medseg.data.plan import load_plan
 from medseg.errors import OutputExistsError
 from medseg.inference.export import EXPORT_FILES, export_model, run_exported
-from medseg.training.model_folder import load_model_folder
+from medseg.model_folder import load_model_folder
 
 
 @pytest.fixture(scope="module")

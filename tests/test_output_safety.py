@@ -18,7 +18,7 @@ from medseg.cli import main
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import CheckpointError, DatasetError, OutputExistsError
 from medseg.io.atomic import STALE_TEMP_SECONDS
-from medseg.training.model_folder import load_model_folder
+from medseg.model_folder import load_model_folder
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = [
@@ -139,7 +139,7 @@ def test_another_user_can_load_a_model_folder(tmp_path, permissions_apply):
     for path in [model, *model.iterdir()]:
         os.chown(path, 65534, 65534)  # the folder now belongs to another user; this process reads as "others"
     result = as_another_user(
-        "import inference_support\nfrom medseg.training.model_folder import load_model_folder\n"
+        "import inference_support\nfrom medseg.model_folder import load_model_folder\n"
         f"print(load_model_folder({str(model)!r}).model_name)", tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "test_threshold"

@@ -31,7 +31,7 @@ from medseg.data.folders import scan_dataset
 from medseg.data.plan import load_plan, make_plan, save_plan
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import CheckpointError, ConfigError, DatasetError
-from medseg.training.model_folder import load_model_folder, read_model_json
+from medseg.model_folder import load_model_folder, read_model_json
 
 # ---------------------------------------------------------------------------------------- checkpoints
 

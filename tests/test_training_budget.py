@@ -13,6 +13,7 @@ import medseg
 from medseg.cli import main
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import ConfigError, TrainingError
+from medseg.model_folder import load_model_folder
 from medseg.training.budget import (
     MIN_STEPS,
     MIN_STEPS_3D,
@@ -22,7 +23,6 @@ from medseg.training.budget import (
     plan_budget,
 )
 from medseg.training.checkpoint import load_checkpoint
-from medseg.training.model_folder import load_model_folder
 
 FAST = [
     "data.num_workers=0",

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_model_folder import tiny_plan
+from test_model_folder import tiny_plan
 from torch import nn
 
 from medseg.config import config_from_dict
@@ -319,7 +319,7 @@ def test_resuming_a_checkpoint_of_another_model_is_refused_field_by_field(tmp_pa
 
 def test_init_from_a_model_of_another_architecture_is_refused(tmp_path):
     from medseg.config import InferConfig
-    from medseg.training.model_folder import save_model_folder, transfer_weights
+    from medseg.model_folder import save_model_folder, transfer_weights
 
     plan = tiny_plan(3)
     source = save_model_folder(
@@ -332,7 +332,7 @@ def test_init_from_a_model_of_another_architecture_is_refused(tmp_path):
 
 def test_init_from_copies_matching_layers_and_keeps_a_fresh_head_for_new_classes(tmp_path):
     from medseg.config import InferConfig
-    from medseg.training.model_folder import save_model_folder, transfer_weights
+    from medseg.model_folder import save_model_folder, transfer_weights
 
     source_net = TinyNet(num_classes=3)
     source = save_model_folder(
@@ -422,7 +422,7 @@ def test_resume_with_dropout_and_augmentation_is_bitwise_the_uninterrupted_run(t
 
 def _dropout_modules(run: Path) -> list[tuple[str, nn.Module]]:
     """The trained network's active dropout layers (the test is void without them)."""
-    from medseg.training.model_folder import load_model_folder
+    from medseg.model_folder import load_model_folder
 
     model = load_model_folder(run / "fold_0" / "model_last").model
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0]

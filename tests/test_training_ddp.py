@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from medseg.data.synthetic import write_synthetic_dataset
+from medseg.model_folder import load_model_folder
 from medseg.training.checkpoint import load_checkpoint
-from medseg.training.model_folder import load_model_folder
 
 TINY = [
     "data.num_workers=0",

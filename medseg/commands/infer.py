@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from medseg.inference.postprocess import parse_postprocess
     from medseg.inference.segmenter import Segmenter, plan_outputs
-    from medseg.training.model_folder import newest_run
+    from medseg.model_folder import newest_run
 
     if args.postprocess is not None:
         parse_postprocess(args.postprocess)  # fail before loading anything

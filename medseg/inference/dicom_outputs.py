@@ -337,7 +337,7 @@ def _build_seg(mask: np.ndarray, labels: dict[int, str], source: SourceSeries, s
     from pydicom.sr.codedict import codes
     from pydicom.uid import generate_uid
 
-    import medseg
+    from medseg.version import __version__
 
     structures = _structures(labels)
     lut = np.zeros(int(max([0, *labels])) + 1, dtype=np.uint16 if len(structures) > 255 else np.uint8)
@@ -346,7 +346,7 @@ def _build_seg(mask: np.ndarray, labels: dict[int, str], source: SourceSeries, s
     # frame k (rows, columns) = mask[:, :, k].T: array axis 0 runs along the columns (see load_source_series)
     frames = np.ascontiguousarray(np.transpose(lut[_mask3d(mask)], (2, 1, 0)))
     algorithm = hd.AlgorithmIdentificationSequence(
-        name="medseg", version=medseg.__version__, family=codes.cid7162.ArtificialIntelligence
+        name="medseg", version=__version__, family=codes.cid7162.ArtificialIntelligence
     )
     descriptions = [
         hd.seg.SegmentDescription(
@@ -371,7 +371,7 @@ def _build_seg(mask: np.ndarray, labels: dict[int, str], source: SourceSeries, s
         instance_number=1,
         manufacturer="medseg",
         manufacturer_model_name="medseg",
-        software_versions=medseg.__version__,
+        software_versions=__version__,
         device_serial_number="0",
         content_label="MEDSEG",
         content_description="medseg automatic segmentation",
@@ -460,7 +460,7 @@ def _build_rtstruct(mask: np.ndarray, geometry: Geometry, labels: dict[int, str]
     from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ImplicitVRLittleEndian, generate_uid
     from scipy import ndimage
 
-    import medseg
+    from medseg.version import __version__
 
     first = source.slices[0]
     date, time_ = _now()
@@ -483,7 +483,7 @@ def _build_rtstruct(mask: np.ndarray, geometry: Geometry, labels: dict[int, str]
     ds.SeriesInstanceUID, ds.SeriesNumber = generate_uid(), RTSTRUCT_SERIES_NUMBER
     ds.SeriesDescription = "medseg structures"
     ds.OperatorsName = ""
-    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "medseg", "medseg", medseg.__version__
+    ds.Manufacturer, ds.ManufacturerModelName, ds.SoftwareVersions = "medseg", "medseg", __version__
     ds.InstanceNumber = 1
     ds.StructureSetLabel, ds.StructureSetName = "MEDSEG", "medseg"
     ds.StructureSetDate, ds.StructureSetTime = date, time_

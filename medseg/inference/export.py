@@ -94,9 +94,9 @@ def export_model(
     """
     import torch
 
-    from medseg import __version__
     from medseg.data.plan import save_plan
-    from medseg.training.model_folder import find_model_dirs, load_model_folder
+    from medseg.model_folder import find_model_dirs, load_model_folder
+    from medseg.version import __version__
 
     if format not in EXPORT_FILES:
         raise ConfigError(f"export format {format!r} is not supported; use torchscript or onnx.")

@@ -428,7 +428,7 @@ class _Manifest:
         self.save()
 
     def save(self) -> None:
-        from medseg import __version__
+        from medseg.version import __version__
 
         self.json_path.parent.mkdir(parents=True, exist_ok=True)
         rows = sorted(self.rows.values(), key=lambda r: r["case"])
@@ -692,7 +692,7 @@ def _model_records(segmenter: Segmenter, anonymize: bool) -> list[dict[str, Any]
 def plan_of(model_dir: str | os.PathLike, folds: Sequence[int | str] | None = None) -> Plan:
     """The plan of a model, run or fold folder, read from ``model.json`` without loading weights."""
     from medseg.data.plan import Plan
-    from medseg.training.model_folder import find_model_dirs, read_model_json
+    from medseg.model_folder import find_model_dirs, read_model_json
 
     first = find_model_dirs(model_dir, folds)[0]
     try:

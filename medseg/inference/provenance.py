@@ -121,7 +121,7 @@ def make_provenance(
     import numpy as np
     import torch
 
-    from medseg import __version__
+    from medseg.version import __version__
 
     return {
         "medseg_version": __version__,

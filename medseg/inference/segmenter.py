@@ -71,7 +71,7 @@ if TYPE_CHECKING:
 
     from medseg.data.plan import Plan
     from medseg.data.preprocess import PreprocessedCase
-    from medseg.training.model_folder import LoadedModel, ModelBuilder
+    from medseg.model_folder import LoadedModel, ModelBuilder
 
 __all__ = [
     "FLOAT32_SCORES_LIMIT",
@@ -368,7 +368,7 @@ class Segmenter:
         """Load a model folder, fold folder or run folder (all its folds form an ensemble).
 
         Args:
-            model_dir: see ``medseg.training.model_folder.find_model_dirs``.
+            model_dir: see ``medseg.model_folder.find_model_dirs``.
             device: ``auto`` (CUDA, then MPS, then CPU), ``cpu``, ``cuda``, ``cuda:N``, ``mps``.
             folds: folds of a run folder to use (default: all trained folds).
             tta: mirroring TTA; ``None``/``"auto"``: on for GPUs, off on the CPU (8x the
@@ -381,7 +381,7 @@ class Segmenter:
             CheckpointError: no model there, corrupt weights, folds with different plans.
             ConfigError: invalid settings or an unavailable device.
         """
-        from medseg.training.model_folder import find_model_dirs, load_model_folder
+        from medseg.model_folder import find_model_dirs, load_model_folder
 
         dev = resolve_device(device)
         dirs = find_model_dirs(model_dir, folds)

@@ -194,7 +194,7 @@ def load_training_state(
     """
     import torch
 
-    from medseg.training.model_folder import check_state_dict
+    from medseg.model_folder import check_state_dict
 
     path = Path(path)
     data = load_checkpoint(path, map_location="cpu")

@@ -529,9 +529,9 @@ def _train_fold(
 ) -> FoldResult:
     from medseg.data.splits import select_split
     from medseg.losses import build_loss
+    from medseg.model_folder import transfer_weights
     from medseg.models import create_model_from_plan, encoder_parameter_names
     from medseg.training.distributed import seed_everything
-    from medseg.training.model_folder import transfer_weights
     from medseg.training.trainer import Trainer
 
     fold_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, fold=fold))

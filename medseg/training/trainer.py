@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import TrainingError
+from medseg.model_folder import save_model_folder
 from medseg.training.budget import BudgetPlan, parse_duration, plan_budget
 from medseg.training.checkpoint import (
     capture_rng_state,
@@ -62,7 +63,6 @@ from medseg.training.checkpoint import (
     save_checkpoint,
 )
 from medseg.training.distributed import DistInfo, all_reduce_sum, barrier, broadcast_flag
-from medseg.training.model_folder import save_model_folder
 from medseg.training.monitor import Monitor, overlay_image, zero_class_warning
 
 if TYPE_CHECKING:
@@ -871,6 +871,6 @@ def _duration(seconds: float) -> str:
 
 
 def _version() -> str:
-    from medseg import __version__
+    from medseg.version import __version__
 
     return __version__

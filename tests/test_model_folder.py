@@ -14,7 +14,7 @@ from torch import nn
 from medseg.config import InferConfig
 from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import CheckpointError
-from medseg.training.model_folder import (
+from medseg.model_folder import (
     find_model_dirs,
     load_model_folder,
     newest_run,

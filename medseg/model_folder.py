@@ -134,7 +134,7 @@ def save_model_folder(
     """
     from safetensors.torch import save_file
 
-    from medseg import __version__
+    from medseg.version import __version__
 
     model_dir = Path(model_dir)
     module = getattr(model, "module", model)  # DistributedDataParallel
@@ -353,7 +353,7 @@ def _head(items: Sequence[str], n: int = 5) -> str:
 
 
 def _version() -> str:
-    from medseg import __version__
+    from medseg.version import __version__
 
     return __version__
 
