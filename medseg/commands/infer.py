@@ -33,7 +33,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medseg.cli import add_folds_argument
+from medseg.commands._options import add_folds_argument
 
 HELP = "segment scans (NIfTI files, DICOM series folders or folders of scans) with a trained model"
 

@@ -22,7 +22,7 @@ import os
 import shlex
 import sys
 
-from medseg.cli import add_folds_argument, parse_fold
+from medseg.commands._options import add_folds_argument, parse_fold
 
 HELP = "train a model on a dataset folder"
 
