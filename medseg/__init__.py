@@ -1,7 +1,7 @@
 """medseg: medical image segmentation with masks that lie exactly on the original scan.
 
-The public API is re-exported here lazily, so ``import medseg`` and ``medseg --help``
-stay fast and do not import torch::
+The public API (the front door, :mod:`medseg.api`) is re-exported here and loaded on
+first use, so ``import medseg`` and ``medseg --help`` stay fast and do not import torch::
 
     import medseg
     vol = medseg.read_volume("scan.nii.gz")
@@ -10,35 +10,49 @@ stay fast and do not import torch::
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
+from medseg._lazy import lazy_exports
+from medseg.api import EXPORTS, FUNCTIONS, check_dataset, console_progress, train
 from medseg.version import __version__
 
-_EXPORTS = {
-    "read_volume": "medseg.io",
-    "write_mask": "medseg.io",
-    "Volume": "medseg.io",
-    "Geometry": "medseg.io",
-    "load_config": "medseg.config",
-    "Config": "medseg.config",
-    "MedsegError": "medseg.errors",
-    "train": "medseg.api",
-    "Run": "medseg.api",
-    "Segmenter": "medseg.api",
-    "Prediction": "medseg.api",
-    "evaluate": "medseg.api",
-}
+if TYPE_CHECKING:
+    from medseg.api import (
+        Config,
+        Geometry,
+        MedsegError,
+        Prediction,
+        Run,
+        Segmenter,
+        Volume,
+        create_model,
+        evaluate,
+        export_model,
+        list_models,
+        load_config,
+        read_volume,
+        write_mask,
+    )
 
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [
+    "Config",
+    "Geometry",
+    "MedsegError",
+    "Prediction",
+    "Run",
+    "Segmenter",
+    "Volume",
+    "__version__",
+    "check_dataset",
+    "console_progress",
+    "create_model",
+    "evaluate",
+    "export_model",
+    "list_models",
+    "load_config",
+    "read_volume",
+    "train",
+    "write_mask",
+]
 
-
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medseg' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS, eager=["__version__", *FUNCTIONS])

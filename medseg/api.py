@@ -17,25 +17,71 @@ The names are resolved lazily so that importing medseg does not import torch.
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medseg._lazy import lazy_exports
+
 if TYPE_CHECKING:
-    from medseg.config import Config
+    from medseg.config import Config, load_config
+    from medseg.data.check import CheckReport
+    from medseg.errors import MedsegError
+    from medseg.evaluation import evaluate
+    from medseg.inference.export import export_model
+    from medseg.inference.segmenter import Prediction, Segmenter
+    from medseg.io.geometry import Geometry
+    from medseg.io.readers import read_volume
+    from medseg.io.volume import Volume
+    from medseg.io.writers import write_mask
+    from medseg.models.registry import create_model, list_models
     from medseg.training.run import Run
 
-_WHERE = {
+#: The front door: public name -> the module that defines it (imported on first use).
+#: ``medseg`` re-exports these and the functions defined below.
+EXPORTS = {
+    "read_volume": "medseg.io.readers",
+    "write_mask": "medseg.io.writers",
+    "Volume": "medseg.io.volume",
+    "Geometry": "medseg.io.geometry",
+    "load_config": "medseg.config",
+    "Config": "medseg.config",
+    "MedsegError": "medseg.errors",
     "Run": "medseg.training.run",
     "Segmenter": "medseg.inference.segmenter",
     "Prediction": "medseg.inference.segmenter",
     "evaluate": "medseg.evaluation",
+    "export_model": "medseg.inference.export",
+    "create_model": "medseg.models.registry",
+    "list_models": "medseg.models.registry",
 }
 
-__all__ = ["console_progress", "train", *_WHERE]
+#: Defined in this module.
+FUNCTIONS = ("check_dataset", "console_progress", "train")
+
+__all__ = [
+    "Config",
+    "Geometry",
+    "MedsegError",
+    "Prediction",
+    "Run",
+    "Segmenter",
+    "Volume",
+    "check_dataset",
+    "console_progress",
+    "create_model",
+    "evaluate",
+    "export_model",
+    "list_models",
+    "load_config",
+    "read_volume",
+    "train",
+    "write_mask",
+]
+
+__getattr__, __dir__ = lazy_exports(__name__, EXPORTS, eager=FUNCTIONS)
 
 
 @contextlib.contextmanager
@@ -85,8 +131,23 @@ def train(dataset_dir: str | Path, config: Config | str | Path | None = None, *,
         return train_run(dataset_dir, config, **options)
 
 
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medseg.api' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
+def check_dataset(
+    dataset_dir: str | Path, *, num_folds: int | None = 5, ignore_label: int | None = None,
+    resample_tilt: bool = False,
+) -> CheckReport:
+    """Read every case of a dataset folder and report all problems (what ``medseg check`` prints).
+
+    Args:
+        dataset_dir: the dataset (MSD, nnU-Net, plain or list layout).
+        num_folds: warn when there are too few cases for this many folds (``None``/1: no check).
+        ignore_label: a label value marking unlabeled voxels, allowed although not declared.
+        resample_tilt: read gantry-tilted DICOM series onto a regular grid instead of refusing them.
+
+    Raises:
+        DatasetError: the folder is not a dataset (no recognised layout).
+    """
+    from medseg.data.check import check_dataset as check_index
+    from medseg.data.folders import scan_dataset
+
+    index = scan_dataset(dataset_dir, collect_problems=True, resample_tilt=resample_tilt)
+    return check_index(index, num_folds=num_folds, ignore_label=ignore_label)

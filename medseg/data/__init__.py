@@ -5,8 +5,20 @@ Names are imported lazily so that ``import medseg.data`` does not import torch o
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from typing import TYPE_CHECKING
+
+from medseg._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from medseg.data.cache import PreprocessedCache
+    from medseg.data.check import CheckReport, check_dataset
+    from medseg.data.fingerprint import Fingerprint, compute_fingerprint
+    from medseg.data.folders import Case, DatasetIndex, read_case, scan_dataset
+    from medseg.data.loaders import PatchBatchSampler, build_train_loader
+    from medseg.data.plan import ChannelNorm, Plan, load_plan, make_plan, save_plan
+    from medseg.data.preprocess import PreprocessedCase, PreprocessRecord, preprocess_case, restore_mask
+    from medseg.data.splits import load_splits, make_splits, save_splits
+    from medseg.data.transforms import build_train_transforms, build_val_transforms
 
 _WHERE = {
     "Case": "medseg.data.folders",
@@ -36,15 +48,32 @@ _WHERE = {
     "PatchBatchSampler": "medseg.data.loaders",
 }
 
-__all__ = sorted(_WHERE)
+__all__ = [
+    "Case",
+    "ChannelNorm",
+    "CheckReport",
+    "DatasetIndex",
+    "Fingerprint",
+    "PatchBatchSampler",
+    "Plan",
+    "PreprocessRecord",
+    "PreprocessedCache",
+    "PreprocessedCase",
+    "build_train_loader",
+    "build_train_transforms",
+    "build_val_transforms",
+    "check_dataset",
+    "compute_fingerprint",
+    "load_plan",
+    "load_splits",
+    "make_plan",
+    "make_splits",
+    "preprocess_case",
+    "read_case",
+    "restore_mask",
+    "save_plan",
+    "save_splits",
+    "scan_dataset",
+]
 
-
-def __getattr__(name: str) -> Any:
-    module = _WHERE.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medseg.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)

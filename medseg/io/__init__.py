@@ -1,7 +1,14 @@
 """Reading scans and writing masks with exact geometry."""
 
+from typing import TYPE_CHECKING
+
+from medseg._lazy import lazy_exports
 from medseg.io.geometry import Geometry, NiftiCodes, affine_from_lps, lps_from_affine
 from medseg.io.volume import Volume
+
+if TYPE_CHECKING:
+    from medseg.io.readers import list_dicom_series, read_volume
+    from medseg.io.writers import write_mask, write_volume
 
 __all__ = [
     "Geometry",
@@ -16,14 +23,14 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str):
-    # readers/writers import SimpleITK and pydicom: load them on first use
-    if name in ("read_volume", "list_dicom_series"):
-        from medseg.io import readers
-
-        return getattr(readers, name)
-    if name in ("write_mask", "write_volume"):
-        from medseg.io import writers
-
-        return getattr(writers, name)
-    raise AttributeError(f"module 'medseg.io' has no attribute {name!r}")
+# readers/writers import SimpleITK and pydicom: loaded on first use
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "read_volume": "medseg.io.readers",
+        "list_dicom_series": "medseg.io.readers",
+        "write_mask": "medseg.io.writers",
+        "write_volume": "medseg.io.writers",
+    },
+    eager=["Geometry", "NiftiCodes", "Volume", "affine_from_lps", "lps_from_affine"],
+)

@@ -28,8 +28,9 @@ are imported on first use, so ``medseg.models.topology`` stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from medseg._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from medseg.models.base import encoder_parameter_names, encoder_parameters, head_parameter_names
@@ -75,12 +76,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'medseg.models' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(__all__)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
