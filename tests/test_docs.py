@@ -122,6 +122,7 @@ def test_every_error_class_is_in_troubleshooting():
     ("module", "page"),
     [
         ("medseg", "python_api.md"),
+        ("medseg.device", "python_api.md"),
         ("medseg.io", "python_api.md"),
         ("medseg.data", "python_api.md"),
         ("medseg.models", "python_api.md"),

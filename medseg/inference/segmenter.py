@@ -46,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from medseg.device import resolve_device
 from medseg.errors import (
     CheckpointError,
     ConfigError,
@@ -82,7 +83,6 @@ __all__ = [
     "collect_inputs",
     "output_paths",
     "plan_outputs",
-    "resolve_device",
 ]
 
 log = logging.getLogger(__name__)
@@ -260,33 +260,6 @@ def output_paths(
         if kind.replace("_", "-") in formats:
             paths[kind] = out_dir / (stem + OUTPUT_SUFFIXES[kind])
     return paths
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else Apple MPS, else CPU; other names are checked.
-
-    Raises:
-        ConfigError: the device is unknown or not available here.
-    """
-    import torch
-
-    name = str(device)
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        if mps is not None and mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise ConfigError(f"device {name!r} is not valid; use auto, cpu, cuda, cuda:N or mps.") from err
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {name!r} asked for, but this torch has no CUDA GPU; use --device cpu or auto.")
-    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ConfigError(f"device {name!r} asked for, but MPS is not available here; use --device cpu or auto.")
-    return dev
 
 
 # --------------------------------------------------------------------------- the segmenter

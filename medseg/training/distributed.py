@@ -32,7 +32,6 @@ __all__ = [
     "destroy_distributed",
     "dist_info_from_env",
     "init_distributed",
-    "resolve_device",
     "seed_everything",
 ]
 
@@ -68,40 +67,6 @@ def dist_info_from_env() -> DistInfo:
     except ValueError as err:
         raise ConfigError(f"torchrun environment is malformed ({err}); launch with torchrun.") from err
     return DistInfo(rank=rank, world_size=world, local_rank=local, local_world_size=local_world)
-
-
-def resolve_device(spec: str, *, local_rank: int = 0) -> torch.device:
-    """``auto`` -> cuda (this rank's GPU) > mps > cpu; ``cpu``, ``cuda``, ``cuda:N``, ``mps`` as given.
-
-    Raises:
-        ConfigError: unknown device name, or a device that is not available here.
-    """
-    import torch
-
-    spec = spec.strip().lower()
-    if spec == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", local_rank % torch.cuda.device_count())
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(spec)
-    except RuntimeError as err:
-        raise ConfigError(f"device {spec!r} is not valid; use auto, cpu, cuda, cuda:N or mps.") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {spec!r} requested but CUDA is not available here; use --device cpu or auto.")
-        if device.index is None:
-            device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        elif device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {spec!r}: only {torch.cuda.device_count()} CUDA device(s) here.")
-    elif device.type == "mps":
-        if not (getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()):
-            raise ConfigError(f"device {spec!r} requested but MPS is not available here; use --device cpu or auto.")
-    elif device.type != "cpu":
-        raise ConfigError(f"device {spec!r} is not supported; use auto, cpu, cuda, cuda:N or mps.")
-    return device
 
 
 def init_distributed(info: DistInfo, device: torch.device) -> None:

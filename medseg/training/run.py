@@ -204,6 +204,7 @@ def train(
         TrainingError: the loss became NaN/Inf.
     """
     from medseg.data.folders import scan_dataset
+    from medseg.device import resolve_device
     from medseg.training.budget import format_duration, parse_duration
     from medseg.training.distributed import (
         barrier,
@@ -212,7 +213,6 @@ def train(
         destroy_distributed,
         dist_info_from_env,
         init_distributed,
-        resolve_device,
     )
 
     dataset_dir = Path(dataset_dir)
