@@ -50,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medseg.data.plan import class_weights_from_frequencies  # the rule lives with the plan that applies it
 from medseg.errors import ConfigError
 
 __all__ = [
@@ -62,39 +63,6 @@ __all__ = [
 LossName = Literal["dice_ce", "dice_focal", "generalized_dice", "tversky", "focal_tversky", "ce"]
 LOSS_NAMES: tuple[str, ...] = ("dice_ce", "dice_focal", "generalized_dice", "tversky", "focal_tversky", "ce")
 SMOOTH = 1e-5
-MIN_WEIGHT, MAX_WEIGHT = 0.1, 10.0
-
-
-def class_weights_from_frequencies(freqs: Sequence[float]) -> list[float]:
-    """Cross-entropy class weights from class frequencies: inverse square root, normalised, clipped.
-
-    Rule: ``w_c = 1 / sqrt(f_c)`` for each present class (``f_c > 0``), scaled so
-    the mean over present classes is 1, then clipped to ``[0.1, 10]``; absent
-    classes get 1. Frequencies may be fractions or voxel counts (the rule is
-    scale-free). The square root tempers plain inverse frequency, which would
-    give a 0.1 %-volume tumour 1000x the weight of the background.
-
-    Args:
-        freqs: one non-negative frequency per class, background first.
-
-    Raises:
-        ConfigError: negative or non-finite values, or no class present.
-
-    Example::
-
-        >>> [round(w, 3) for w in class_weights_from_frequencies([0.81, 0.18, 0.01])]
-        [0.247, 0.525, 2.227]
-    """
-    values = [float(f) for f in freqs]
-    if not values or any(not math.isfinite(f) or f < 0 for f in values) or not any(f > 0 for f in values):
-        raise ConfigError(
-            f"class frequencies must be finite, non-negative and not all zero, got {values}; "
-            "recompute the dataset fingerprint."
-        )
-    raw = [1.0 / math.sqrt(f) if f > 0 else None for f in values]
-    present = [w for w in raw if w is not None]
-    mean = sum(present) / len(present)
-    return [1.0 if w is None else min(MAX_WEIGHT, max(MIN_WEIGHT, w / mean)) for w in raw]
 
 
 def deep_supervision_weights(num_outputs: int) -> list[float]:

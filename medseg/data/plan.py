@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +24,7 @@ import numpy as np
 
 from medseg.errors import ConfigError
 from medseg.records import check_record, field_problems
+from medseg.spatial import ANISOTROPY_THRESHOLD, thick_axis
 
 PLAN_FORMAT_VERSION = 1
 
@@ -30,6 +32,7 @@ __all__ = [
     "PLAN_FORMAT_VERSION",
     "ChannelNorm",
     "Plan",
+    "class_weights_from_frequencies",
     "ct_clip_rule",
     "ct_shoulder_rule",
     "load_plan",
@@ -234,7 +237,6 @@ def load_plan(path: str | Path) -> Plan:
 # The rules (docs/plan.md lists them with the numbers): nnU-Net's planner,
 # re-derived, with a memory budget that also fits a small CPU.
 
-ANISO_THRESHOLD = 3.0
 """A thick axis is > 3x the other spacings (and has < 1/3 of their voxels)."""
 BASE_FEATURES = 32
 MAX_FEATURES = {2: 512, 3: 320}
@@ -284,8 +286,8 @@ def target_spacing_rule(spacings: list[list[float]], shapes: list[list[int]]) ->
     median_shape = np.median(np.asarray(shapes, dtype=float), axis=0)
     worst = int(np.argmax(target))
     others = [a for a in range(target.size) if a != worst]
-    has_aniso_spacing = target[worst] > ANISO_THRESHOLD * min(target[others])
-    has_aniso_voxels = median_shape[worst] * ANISO_THRESHOLD < min(median_shape[others])
+    has_aniso_spacing = thick_axis(target) == worst
+    has_aniso_voxels = median_shape[worst] * ANISOTROPY_THRESHOLD < min(median_shape[others])
     if has_aniso_spacing and has_aniso_voxels:
         thick = float(np.percentile(spacings_arr[:, worst], 10))
         target[worst] = max(thick, float(max(target[others])))
@@ -380,34 +382,41 @@ def plan_patch_and_batch(
     return fitted, batch, kernels, strides
 
 
-def class_weight_rule(frequencies: list[float]) -> list[float]:
-    """Class weights: ``medseg.losses.class_weights_from_frequencies`` when available.
+def class_weights_from_frequencies(freqs: Sequence[float], *, absent: float = 1.0) -> list[float]:
+    """Cross-entropy class weights from class frequencies: inverse square root, normalised, clipped.
 
-    Fallback (same rule): ``1 / sqrt(frequency)``, normalised to mean 1 over
-    the classes that occur, clipped to [0.1, 10]; classes that never occur get 1.
+    Rule: ``w_c = 1 / sqrt(f_c)`` for each present class (``f_c > 0``), scaled so
+    the mean over present classes is 1, then clipped to ``[0.1, 10]``; absent
+    classes get ``absent`` (1). Frequencies may be fractions or voxel counts (the rule is
+    scale-free). The square root tempers plain inverse frequency, which would
+    give a 0.1 %-volume tumour 1000x the weight of the background. The plan's
+    ``class_weights`` (``loss.class_weights: auto``) and the balanced patch
+    sampling (:func:`class_sampling_rule`) both use it.
+
+    Args:
+        freqs: one non-negative frequency per class, background first.
+        absent: the weight of a class that never occurs.
+
+    Raises:
+        ConfigError: negative or non-finite values, or no class present.
+
+    Example::
+
+        >>> [round(w, 3) for w in class_weights_from_frequencies([0.81, 0.18, 0.01])]
+        [0.247, 0.525, 2.227]
     """
-    try:
-        from medseg.losses import class_weights_from_frequencies
-    except ImportError:
-        class_weights_from_frequencies = None
-    if class_weights_from_frequencies is not None:
-        weights = class_weights_from_frequencies(frequencies)
-        return [float(w) for w in (weights.tolist() if hasattr(weights, "tolist") else weights)]
-    return _inverse_sqrt_weights(frequencies)
-
-
-def _inverse_sqrt_weights(frequencies: list[float], *, absent: float = 1.0) -> list[float]:
-    import numpy as np
-
-    freq = np.asarray(frequencies, dtype=float)
+    freq = np.asarray([float(f) for f in freqs], dtype=float)
+    if not freq.size or not np.isfinite(freq).all() or (freq < 0).any() or not (freq > 0).any():
+        raise ConfigError(
+            f"class frequencies must be finite, non-negative and not all zero, got {freq.tolist()}; "
+            "recompute the dataset fingerprint."
+        )
     present = freq > 0
     weights = np.full_like(freq, absent)
-    if not present.any():
-        return np.ones_like(freq).tolist()
     weights[present] = 1.0 / np.sqrt(freq[present])
     weights[present] /= weights[present].mean()
     weights[present] = np.clip(weights[present], *CLASS_WEIGHT_CLIP)
-    return weights.tolist()
+    return [float(w) for w in weights]
 
 
 def class_sampling_rule(
@@ -429,7 +438,7 @@ def class_sampling_rule(
     present = fg > 0
     if present.any():
         if mode == "balanced":
-            share = np.asarray(_inverse_sqrt_weights([1.0, *fg.tolist()], absent=0.0)[1:])
+            share = np.asarray(class_weights_from_frequencies([1.0, *fg.tolist()], absent=0.0)[1:])
         else:
             share = present.astype(float)
         share = np.where(present, share, 0.0)
@@ -527,7 +536,7 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
     if spatial_dims == 2 and data_dims == 3:
         sp = np.asarray(target)
         # thick slices: slice across the thick axis; otherwise axial slices (S axis)
-        slice_axis = int(np.argmax(sp)) if sp.max() > ANISO_THRESHOLD * sp.min() else 2
+        slice_axis = thick_axis(sp) if thick_axis(sp) is not None else 2
     if data.target_spacing is not None:
         pinned = [float(s) for s in data.target_spacing]
         if len(pinned) == data_dims:
@@ -615,7 +624,7 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
                 f"({', '.join(label_names)})."
             )
     else:
-        weights = class_weight_rule(frequencies)
+        weights = class_weights_from_frequencies(frequencies)
     ratios = class_sampling_rule(frequencies, foreground_oversample=data.foreground_oversample, mode=data.class_sampling)
     return Plan(
         spatial_dims=int(spatial_dims),

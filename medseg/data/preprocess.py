@@ -52,9 +52,9 @@ from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import DatasetError, GeometryError
 from medseg.io.geometry import Geometry
 from medseg.io.volume import Volume
+from medseg.spatial import thick_axis
 
 __all__ = [
-    "ANISOTROPY_THRESHOLD",
     "IMAGE_ORDER",
     "PREPROCESS_VERSION",
     "PreprocessRecord",
@@ -70,9 +70,6 @@ __all__ = [
     "uncrop",
     "unorient",
 ]
-
-ANISOTROPY_THRESHOLD = 3.0
-"""Spacing ratio (largest / smallest) above which the thick axis is resampled separately."""
 
 PREPROCESS_VERSION = 2
 """Version of the preprocessing rules (part of the cache key): 2 = linear float32 image resampling."""
@@ -534,8 +531,8 @@ def separate_axis_for(spacing: Sequence[float], target_spacing: Sequence[float])
     """The thick axis to resample separately (nnU-Net: spacing ratio > 3), else None."""
     for sp in (spacing, target_spacing):
         sp = np.asarray(sp, dtype=float)
-        if len(sp) == 3 and sp.max() / sp.min() > ANISOTROPY_THRESHOLD:
-            return int(np.argmax(sp))
+        if len(sp) == 3 and thick_axis(sp) is not None:
+            return thick_axis(sp)
     return None
 
 

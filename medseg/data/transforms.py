@@ -55,6 +55,7 @@ from monai.transforms import (
 )
 
 from medseg.data.plan import ChannelNorm, Plan
+from medseg.spatial import thick_axis
 
 __all__ = [
     "RandBalancedPatchd",
@@ -410,7 +411,7 @@ def build_train_transforms(plan: Plan, augment_config: Any = None) -> Compose:
         angle = math.radians(a.rotation_degrees)
         if n == 3:
             spacing = np.asarray([plan.target_spacing[i] for i in range(3)], dtype=float)
-            if spacing.max() > 3 * spacing.min():
+            if thick_axis(spacing) is not None:
                 # thick slices: rotate in-plane only (about the thick axis), as nnU-Net
                 rotate = [angle if i == int(np.argmax(spacing)) else 0.0 for i in range(3)]
             else:

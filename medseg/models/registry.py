@@ -21,6 +21,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from medseg.errors import ConfigError
+from medseg.spatial import thick_axis
 
 __all__ = [
     "PlanLike",
@@ -34,9 +35,6 @@ __all__ = [
     "register_model",
 ]
 
-#: An axis this many times coarser than the finest one is a thick-slice axis
-#: (nnU-Net's ANISO_THRESHOLD).
-ANISOTROPY_THRESHOLD = 3.0
 
 
 class PlanLike(Protocol):
@@ -206,20 +204,14 @@ def network_spacing(plan: PlanLike) -> list[float]:
 
 
 def anisotropic_axis_from_spacing(spacing: Sequence[float]) -> int | None:
-    """The coarsest axis if it is at least 3x coarser than the finest one (thick slices), else ``None``.
+    """The thick-slice axis (:func:`medseg.spatial.thick_axis`: > 3x the finest spacing), else ``None``.
 
     Example::
 
         >>> anisotropic_axis_from_spacing([0.8, 0.8, 5.0])
         2
     """
-    if not spacing:
-        return None
-    coarse = max(range(len(spacing)), key=lambda a: spacing[a])
-    finest = min(spacing)
-    if finest > 0 and spacing[coarse] >= ANISOTROPY_THRESHOLD * finest:
-        return coarse
-    return None
+    return thick_axis(spacing)
 
 
 def anisotropic_plan_options(plan: PlanLike, spacing: Sequence[float]) -> dict[str, Any]:
