@@ -322,7 +322,7 @@ def test_from_plan_unet_uses_plan_topology_or_computes_it():
                                    deep_supervision=True)
     assert model.strides == strides and model.kernel_sizes == kernels and model.deep_supervision
     computed = create_model_from_plan("unet", _plan(), base_features=4)
-    from medseg.models.topology import unet_topology
+    from medseg.topology import unet_topology
 
     assert (computed.kernel_sizes, computed.strides) == unet_topology([40, 48, 12], [0.8, 0.8, 4.0])
     assert all(s[2] == 1 for s in computed.strides[:2])  # thick axis not pooled early

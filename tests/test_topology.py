@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from medseg.models.topology import fit_patch_to_topology, unet_topology
+from medseg.topology import fit_patch_to_topology, unet_topology
 
 
 def _bottleneck(patch, strides):

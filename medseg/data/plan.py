@@ -25,6 +25,7 @@ import numpy as np
 from medseg.errors import ConfigError
 from medseg.records import check_record, field_problems
 from medseg.spatial import ANISOTROPY_THRESHOLD, thick_axis
+from medseg.topology import fit_patch_to_topology, unet_topology
 
 PLAN_FORMAT_VERSION = 1
 
@@ -120,7 +121,7 @@ class Plan:
             sliding-window size at inference.
         batch_size: patches per step.
         kernel_sizes, strides: U-Net topology, one entry per stage
-            (``strides[0]`` is all ones); see ``medseg.models.topology``.
+            (``strides[0]`` is all ones); see ``medseg.topology``.
         slice_axis: 2D on 3D data: the canonical axis that is sliced.
         slice_context: 2D only: neighbouring slices each side as channels.
         class_weights: cross-entropy weight per class (background included).
@@ -316,7 +317,6 @@ def feature_map_units(patch: list[int], strides: list[list[int]], *, in_channels
 
 
 def _topology(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], list[list[int]], list[int]]:
-    from medseg.models.topology import fit_patch_to_topology, unet_topology
 
     ndim = len(patch)
     kernels, strides = unet_topology(patch, spacing, min_edge=MIN_EDGE, max_stages=MAX_STAGES[ndim])
@@ -325,7 +325,6 @@ def _topology(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], 
 
 def _topology_for_pinned(patch: list[int], spacing: list[float]) -> tuple[list[list[int]], list[list[int]]]:
     """Topology for a user-pinned patch: drop the deepest stages until the patch is divisible."""
-    from medseg.models.topology import fit_patch_to_topology, unet_topology
 
     kernels, strides = unet_topology(patch, spacing, min_edge=MIN_EDGE, max_stages=MAX_STAGES[len(patch)])
     while len(strides) > 1 and fit_patch_to_topology(patch, strides) != list(patch):

@@ -23,7 +23,7 @@ Contract (every registered medseg model):
   model without them has no encoder and no head.
 
 Add your own with the :func:`register_model` decorator. Submodules (and torch)
-are imported on first use, so ``medseg.models.topology`` stays light.
+are imported on first use (and torch with them).
 """
 
 from __future__ import annotations
@@ -38,8 +38,8 @@ if TYPE_CHECKING:
     from medseg.models.fcn import FCN
     from medseg.models.registry import create_model, create_model_from_plan, list_models, register_model
     from medseg.models.resnet import ResNetEncoder
-    from medseg.models.topology import fit_patch_to_topology, unet_topology
     from medseg.models.unet import UNet
+    from medseg.topology import fit_patch_to_topology, unet_topology
 
 _EXPORTS = {
     "create_model": "medseg.models.registry",
@@ -49,8 +49,8 @@ _EXPORTS = {
     "encoder_parameter_names": "medseg.models.base",
     "encoder_parameters": "medseg.models.base",
     "head_parameter_names": "medseg.models.base",
-    "unet_topology": "medseg.models.topology",
-    "fit_patch_to_topology": "medseg.models.topology",
+    "unet_topology": "medseg.topology",
+    "fit_patch_to_topology": "medseg.topology",
     "UNet": "medseg.models.unet",
     "DeepLabV3": "medseg.models.deeplab",
     "DeepLabV3Plus": "medseg.models.deeplab",

@@ -225,7 +225,7 @@ def create_model_from_plan(name: str, plan: PlanLike, **options: Any) -> nn.Modu
     Plan-derived options (explicit ``options`` win):
 
     - ``unet``: ``kernel_sizes``/``strides`` from the plan, or computed with
-      :func:`medseg.models.topology.unet_topology` from ``patch_size`` and the
+      :func:`medseg.topology.unet_topology` from ``patch_size`` and the
       spacing when the plan has none;
     - ``deeplabv3``, ``deeplabv3plus``, ``fcn``: ``anisotropic_axis``, an axis at
       least 3x coarser than the finest, which is never strided or dilated;

@@ -2,7 +2,7 @@
 
 Topology comes from the plan: one entry per stage in ``kernel_sizes`` and
 ``strides`` (``strides[0]`` is all ones), as computed by
-:func:`medseg.models.topology.unet_topology` (stages until the bottleneck is
+:func:`medseg.topology.unet_topology` (stages until the bottleneck is
 about 4 voxels; anisotropic kernels and strides for thick slices). Each stage is
 two convolutions with instance norm and leaky ReLU (MONAI's ``UnetBasicBlock``),
 down-sampling is a strided convolution, up-sampling a transposed convolution;
@@ -29,7 +29,7 @@ from torch import nn
 from medseg.errors import ConfigError
 from medseg.models.base import ModelParts, crop_to, pad_to_multiple
 from medseg.models.registry import register_model
-from medseg.models.topology import unet_topology
+from medseg.topology import unet_topology
 
 __all__ = ["UNet"]
 
