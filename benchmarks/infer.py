@@ -109,7 +109,7 @@ def _register() -> None:
 
 def _plan():
     from medseg.data.plan import ChannelNorm, Plan
-    from medseg.models.topology import unet_topology
+    from medseg.topology import unet_topology
 
     kernels, strides = unet_topology(list(PATCH), list(TARGET_SPACING))
     return Plan(
