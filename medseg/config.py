@@ -222,8 +222,8 @@ class InferConfig:
     )
     batch_size: int = _doc("Windows per forward pass.", 2)
     postprocess: str = _doc("none, largest (largest component per class) or min-size=N (voxels).", "none")
-    skip_empty_windows: bool = _doc("Place windows only over the body's bounding box (CT: above -500 HU; MR: non-zero) and skip windows "
-        "outside the body; false runs every window over the whole scan.", True)
+    skip_empty_windows: bool = _doc("Skip windows without a body voxel (CT: above -500 HU; MR: non-zero); the window "
+        "layout stays the same, so the mask inside the body does not change. false runs every window.", True)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,7 +13,6 @@ from torch import nn
 from medseg.errors import GeometryError
 from medseg.inference.sliding_window import (
     BACKGROUND_MARGIN,
-    body_box,
     body_mask_from_image,
     gaussian_importance,
     iter_logit_slabs,
@@ -94,7 +93,7 @@ def test_skipping_empty_windows_keeps_body_voxels_identical_and_skips_air():
     image[0, 40:56, 30:44, 20:34] = np.random.default_rng(0).normal(0.5, 1.0, (16, 14, 14))
     body = body_mask_from_image(image, plan)
     timings: dict = {}
-    skipped = predict_logits(net, image, plan, skip_empty=True, crop_to_body=False, timings=timings)
+    skipped = predict_logits(net, image, plan, skip_empty=True, timings=timings)
     full = predict_logits(net, image, plan, skip_empty=False)
     assert timings["skipped_windows"] > timings["windows"] // 2
     # same windows at body voxels (batches differ, so allow float rounding)
@@ -105,50 +104,49 @@ def test_skipping_empty_windows_keeps_body_voxels_identical_and_skips_air():
     assert not torch.equal(skipped, full)
 
 
-def test_body_crop_places_windows_over_the_body_box_only():
-    plan = make_plan(patch_size=(16, 16, 16), num_classes=3)
-    image = np.full((1, 80, 64, 40), -10.0, dtype=np.float32)  # air
-    rng = np.random.default_rng(1)
-    image[0, 30:50, 20:44, 5:35] = rng.normal(0.5, 8.0, (20, 24, 30))  # the "patient", 1/4 of the width
-    body = body_mask_from_image(image, plan)
-    layout = plan_windows(image.shape[1:], plan, 0.5)
-    box = body_box(body, layout, margin=2)
-    assert box == [(28, 52), (18, 46), (3, 37)]
-    # a pointwise network: any window layout gives the same logits, so the crop must too
-    net = ThresholdNet(3, 1, 3, threshold=0.5)
-    crop_t: dict = {}
-    skip_t: dict = {}
-    cropped = predict_logits(net, image, plan, timings=crop_t)
-    skipped = predict_logits(net, image, plan, crop_to_body=False, timings=skip_t)
-    with torch.no_grad():
-        exact = net(torch.from_numpy(image)[None])[0]
-    inside = torch.from_numpy(body)
-    torch.testing.assert_close(cropped[:, inside], exact[:, inside], atol=1e-5, rtol=1e-5)
-    assert crop_t["windows"] == skip_t["windows"] == layout.num_windows
-    ran_crop = crop_t["windows"] - crop_t["skipped_windows"]
-    ran_skip = skip_t["windows"] - skip_t["skipped_windows"]
-    assert ran_crop < ran_skip / 2
-    # outside the (default-margin) box: exact background logits
-    box = body_box(body, layout)
-    outside = torch.ones(image.shape[1:], dtype=torch.bool)
-    outside[tuple(slice(a, b) for a, b in box)] = False
-    assert torch.all(cropped[0][outside] == 0) and torch.all(cropped[1:, outside] == -BACKGROUND_MARGIN)
-    assert torch.equal(cropped.argmax(0)[~inside & ~outside], exact.argmax(0)[~inside & ~outside])
-    assert skipped.shape == cropped.shape
+class PositionNet(nn.Module):
+    """Content-dependent logits (a seeded convolution) plus a fixed ramp over the window's coordinates.
+
+    Its output at a voxel depends on where the window sits, so any change in the
+    window layout shows up in the blended logits (a pointwise network would hide it).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, num_classes: int):
+        super().__init__()
+        self.content = SkewedNet(spatial_dims, in_channels, num_classes, seed=5)
+        self.spatial_dims = spatial_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.content(x)
+        for a, n in enumerate(x.shape[2:]):
+            shape = [1] * (2 + self.spatial_dims)
+            shape[2 + a] = n
+            out = out + torch.linspace(-2.0, 2.0, n).reshape(shape) * (a + 1)
+        return out
 
 
-def test_body_box_grows_to_one_window_and_keeps_the_slice_axis_of_2d_models():
-    body = np.zeros((40, 30, 12), dtype=bool)
-    body[20, 3, 5] = True
-    layout3d = plan_windows(body.shape, make_plan(patch_size=(16, 16, 16)), 0.5)
-    # one voxel + margin 1 = 3 voxels, grown to the 16-voxel window (12 along the short axis), kept inside
-    assert body_box(body, layout3d, margin=1) == [(13, 29), (0, 16), (0, 12)]
-    layout2d = plan_windows(body.shape, make_plan(spatial_dims=2, patch_size=(16, 16), slice_axis=2), 0.5)
-    assert body_box(body, layout2d, margin=0) == [(13, 29), (0, 16), (0, 12)]
-    assert body_box(np.zeros_like(body), layout3d) == []
+@pytest.mark.parametrize("dims", [3, 2])
+def test_window_skipping_changes_nothing_inside_the_body_for_a_position_dependent_network(dims):
+    # the patient fills a quarter of the field of view: a layout over the body's box would differ
+    if dims == 3:
+        plan = make_plan(patch_size=(16, 16, 16), num_classes=3)
+    else:
+        plan = make_plan(spatial_dims=2, patch_size=(16, 16), slice_axis=2, slice_context=1, num_classes=3)
+    image = np.full((1, 80, 64, 40), -10.0, dtype=np.float32)  # -1000 HU air
+    image[0, 31:50, 21:43, 5:35] = np.random.default_rng(1).normal(0.5, 4.0, (19, 22, 30))
+    net = PositionNet(plan.spatial_dims, plan.in_channels, 3)
+    body = torch.from_numpy(body_mask_from_image(image, plan))
+    on: dict = {}
+    off: dict = {}
+    skipped = predict_logits(net, image, plan, skip_empty=True, timings=on)
+    full = predict_logits(net, image, plan, skip_empty=False, timings=off)
+    assert on["windows"] == off["windows"] and on["skipped_windows"] > on["windows"] // 4
+    assert off["skipped_windows"] == 0
+    torch.testing.assert_close(skipped[:, body], full[:, body], atol=1e-5, rtol=1e-5)
+    assert torch.equal(skipped.argmax(0)[body], full.argmax(0)[body])
 
 
-def test_streamed_body_crop_covers_the_axis_in_order_with_an_empty_image_all_background():
+def test_streamed_skipping_covers_the_axis_in_order_with_an_empty_image_all_background():
     plan = make_plan(patch_size=(12, 12, 12))
     image = np.full((1, 60, 30, 24), -10.0, dtype=np.float32)
     image[0, 25:35, 10:20, 8:16] = 10.0

@@ -286,8 +286,7 @@ class Segmenter:
         overlap: sliding-window overlap in [0, 1).
         batch_size: windows per forward pass.
         postprocess: ``none``, ``largest`` or ``min-size=N``.
-        skip_empty_windows: lay the windows over the body's bounding box only and skip windows
-            without a body voxel (see ``sliding_window``).
+        skip_empty_windows: skip windows without a body voxel (same layout; see ``sliding_window``).
     """
 
     def __init__(

@@ -24,16 +24,14 @@ Blending
     1/8 of the window per axis, peak 1, cached) and summed; the sum is divided
     by the summed weights at the end (nnU-Net's and MONAI's ``mode="gaussian"``).
 
-Body crop and window skipping (``skip_empty=True``)
-    The windows are laid out over the bounding box of the *body* voxels only
-    (grown by :data:`BODY_MARGIN` voxels per side and to at least one window,
-    :func:`body_box`; ``crop_to_body=False`` keeps the whole-image layout), and
-    a window is skipped when it contains no body voxel. When the patient does
-    not fill the field of view (a 350 mm body in a 500 mm CT field of view) the
-    box saves whole rows of windows, which skipping alone cannot: a window
-    overlapping the body edge by one voxel still runs. Inside the box the
-    layout is nnU-Net's rule applied to the box, so results there differ from
-    the whole-image layout by the different window positions only. Unless
+Window skipping (``skip_empty=True``)
+    The windows keep the whole-image layout above; a window is skipped when it
+    contains no body voxel, and nothing else changes. Every window that covers
+    a body voxel runs, so the logits at body voxels sum the same windows as
+    without skipping (equal up to float rounding from different batches: the
+    answer inside the body does not depend on skipping). An earlier version
+    laid the windows out anew over the body's bounding box; that moved every
+    window and changed a trained model's segmentation (issue 15). Unless
     ``body_mask`` is passed, a voxel is body when any channel is (see
     :func:`body_mask_from_image`):
 
@@ -100,10 +98,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BACKGROUND_MARGIN",
-    "BODY_MARGIN",
     "CT_BODY_THRESHOLD_HU",
     "WindowLayout",
-    "body_box",
     "body_mask_from_image",
     "gaussian_importance",
     "iter_logit_slabs",
@@ -118,8 +114,6 @@ log = logging.getLogger(__name__)
 CT_BODY_THRESHOLD_HU = -500.0
 #: Logit gap between background and every other class where no window was computed.
 BACKGROUND_MARGIN = 10.0
-#: Voxels (plan grid) added on each side of the body's bounding box before windows are placed.
-BODY_MARGIN = 3
 
 
 # --------------------------------------------------------------------------- window layout
@@ -340,7 +334,6 @@ def iter_logit_slabs(
     accumulate: Literal["auto", "device", "cpu"] = "auto",
     progress: bool = False,
     timings: dict[str, float] | None = None,
-    crop_to_body: bool = True,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield finished logits slabs ``(start, stop, logits)`` along the stream axis.
 
@@ -376,85 +369,10 @@ def iter_logit_slabs(
             body = np.asarray(body_mask, dtype=bool)
             if body.shape != layout.shape:
                 raise GeometryError(f"body_mask shape {body.shape} != image spatial shape {layout.shape}.")
-    common = {"batch_size": batch_size, "tta": tta, "device": device, "stream": stream,
-              "accumulate": accumulate, "progress": progress}
-    box = body_box(body, layout) if body is not None and crop_to_body else []
-    if not box or all(b == (0, n) for b, n in zip(box, layout.shape)):
-        # no crop (or no body at all: every window is skipped)
-        yield from _iter_layout(network, img, plan, layout, body, timings=timings, **common)
-        return
-    sa = layout.stream_axis
-    k_classes = plan.num_classes
-    inner: dict[str, float] = {}
-    region = tuple(slice(lo, hi) for lo, hi in box)
-    sub_img = img[(slice(None), *region)]
-    sub_layout = plan_windows(sub_img.shape[1:], plan, overlap, stream_axis=sa)
-    sub_rows = box[sa]
-    slabs = _iter_layout(network, sub_img, plan, sub_layout, body[region], timings=inner, **common)
-    chunk = max(1, layout.window[sa])
-
-    def background(rows: int, like: torch.Tensor | None) -> torch.Tensor:
-        shape = list(layout.shape)
-        shape[sa] = rows
-        out = torch.full((k_classes, *shape), -BACKGROUND_MARGIN, dtype=torch.float32,
-                         device=like.device if like is not None else "cpu")
-        out[0] = 0.0
-        return out
-
-    def air(a: int, b: int, like: torch.Tensor | None) -> Iterator[tuple[int, int, torch.Tensor]]:
-        for c0 in range(a, b, chunk):
-            yield c0, min(c0 + chunk, b), background(min(c0 + chunk, b) - c0, like)
-
-    like = None
-    emitted = False
-    for start, stop, slab in slabs:
-        if not emitted:
-            yield from air(0, sub_rows[0], slab)
-            emitted = True
-        like = slab
-        full = background(stop - start, slab)
-        index = [slice(lo, hi) for lo, hi in box]
-        index[sa] = slice(None)
-        full[(slice(None), *index)] = slab
-        yield sub_rows[0] + start, sub_rows[0] + stop, full
-    if not emitted:
-        yield from air(0, sub_rows[0], None)
-    yield from air(sub_rows[1], layout.shape[sa], like)
-    if timings is not None:
-        ran = inner.get("windows", 0) - inner.get("skipped_windows", 0)
-        timings["network_s"] = timings.get("network_s", 0.0) + inner.get("network_s", 0.0)
-        timings["windows"] = timings.get("windows", 0) + layout.num_windows
-        timings["skipped_windows"] = timings.get("skipped_windows", 0) + layout.num_windows - ran
-    log.debug("sliding window: body box %s of %s", box, layout.shape)
-
-
-def body_box(body: np.ndarray, layout: WindowLayout, margin: int | None = None) -> list[tuple[int, int]]:
-    """Bounding box ``[(start, stop), ...]`` of the body voxels, grown by ``margin`` and to the window.
-
-    Each axis is grown by ``margin`` voxels (default :data:`BODY_MARGIN`) on
-    both sides and then to at least the window's extent (within the image), so
-    windows slide over real image voxels only. The slice axis of a 2D model is
-    never cropped (its context slices would be clamped at the box). An image
-    without any body voxel gives ``[]``.
-    """
-    margin = BODY_MARGIN if margin is None else int(margin)
-    if not body.any():
-        return []
-    box = []
-    for a, n in enumerate(layout.shape):
-        if a == layout.slice_axis:
-            box.append((0, n))
-            continue
-        other = tuple(b for b in range(body.ndim) if b != a)
-        hit = np.flatnonzero(body.any(axis=other))
-        lo, hi = max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + 1 + margin)
-        need = min(n, layout.window[a]) - (hi - lo)
-        if need > 0:
-            lo = max(0, lo - need // 2)
-            hi = min(n, lo + min(n, layout.window[a]))
-            lo = hi - min(n, layout.window[a])
-        box.append((lo, hi))
-    return box
+    yield from _iter_layout(
+        network, img, plan, layout, body, batch_size=batch_size, tta=tta, device=device, stream=stream,
+        accumulate=accumulate, progress=progress, timings=timings,
+    )
 
 
 def _iter_layout(
@@ -676,7 +594,6 @@ def predict_logits(
     out_dtype: torch.dtype | None = None,
     progress: bool = False,
     timings: dict[str, float] | None = None,
-    crop_to_body: bool = True,
 ) -> torch.Tensor:
     """Sliding-window logits of ``network`` over a preprocessed image.
 
@@ -693,8 +610,6 @@ def predict_logits(
         device: where the network runs; ``None``: the network's device.
         skip_empty: skip windows without a body voxel (rule in the module docstring).
         body_mask: boolean ``spatial`` mask that replaces the default body rule.
-        crop_to_body: with ``skip_empty``, place the windows over the body's
-            bounding box only (:func:`body_box`); background logits outside it.
         stream: accumulate in a ring one window long along the stream axis
             (bounded memory) instead of over the whole volume; same result.
         accumulate: where the accumulators live: ``auto`` (GPU when they fit), ``device``, ``cpu``.
@@ -728,7 +643,6 @@ def predict_logits(
         accumulate=accumulate,
         progress=progress,
         timings=timings,
-        crop_to_body=crop_to_body,
     ):
         if out is None:
             out = torch.empty((slab.shape[0], *shape), dtype=out_dtype)
