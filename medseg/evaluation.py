@@ -7,7 +7,11 @@
     report.summary["liver"]["dice"]["mean"]
 
 Cases are matched by name: the file name without ``.nii.gz``/``.nii``/``.mha``/
-``.mhd``/``.nrrd``/``.nhdr`` and without a trailing ``_mask``. A prediction must lie
+``.mhd``/``.nrrd``/``.nhdr`` (or the 2D image endings ``.png``/``.tif``/``.tiff``/
+``.bmp``) and without a trailing ``_mask``. When every reference is a 2D image,
+the default metrics are :data:`medseg.metrics.IMAGE_DEFAULT_METRICS` (Dice, IoU,
+pixel accuracy, precision, recall): images have spacing 1, so distances and
+volumes would be in pixels. A prediction must lie
 on its reference's voxel grid (checked with :meth:`Geometry.same_grid`); with
 ``resample_to_reference=True`` it is resampled (nearest neighbour) onto it.
 Metrics, units and the empty-mask policy are defined in ``docs/metrics.md``.
@@ -63,7 +67,7 @@ CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "metrics_summary.json"
 LESIONS_CSV_NAME = "lesions.csv"
 SUMMARY_FORMAT_VERSION = 1
-MASK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+MASK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".bmp")
 NAME_SUFFIX = "_mask"
 
 MissingPolicy = Literal["error", "empty", "skip"]
@@ -82,6 +86,18 @@ def case_name(path: str | os.PathLike) -> str:
     if name.endswith(NAME_SUFFIX) and len(name) > len(NAME_SUFFIX):
         name = name[: -len(NAME_SUFFIX)]
     return name
+
+
+def _all_images(gt: str | os.PathLike) -> bool:
+    """True when the reference (a file, or the mask files of a folder) is made of 2D images."""
+    from medseg.io.images2d import is_image_path
+
+    path = Path(gt)
+    if path.is_dir():
+        files = [p for p in path.iterdir() if p.is_file() and p.name.lower().endswith(MASK_SUFFIXES)]
+    else:
+        files = [path]
+    return bool(files) and all(is_image_path(p) for p in files)
 
 
 def _mask_files(folder: Path, what: str) -> dict[str, Path]:
@@ -704,6 +720,8 @@ def evaluate(
         OutputExistsError: report files exist (without ``overwrite``).
     """
     names = M.resolve_metrics(metrics)
+    if metrics is None and _all_images(gt):
+        names = M.IMAGE_DEFAULT_METRICS
     lesion_opts = M.LesionOptions.coerce(lesion)
     if lesion_opts is not None:
         names = names + tuple(m for m in M.LESION_METRICS if m not in names)

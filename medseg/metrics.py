@@ -98,6 +98,7 @@ OVERLAP_METRICS = (
     "recall",
     "specificity",
     "accuracy",
+    "pixel_accuracy",
     "avd",
     "rvd",
     "pred_volume",
@@ -113,6 +114,9 @@ LESION_METRICS = (
     "lesion_dice",
 )
 DEFAULT_METRICS = ("dice", "iou", "precision", "recall", "hd95", "assd", "nsd", "avd", "rvd")
+IMAGE_DEFAULT_METRICS = ("dice", "iou", "pixel_accuracy", "precision", "recall")
+"""Default of ``medseg evaluate`` on 2D image masks (PNG/TIFF): no mm distances or mL volumes, which
+would be in pixels there (images have spacing 1)."""
 
 _ALIASES = {
     "jaccard": "iou",
@@ -920,9 +924,13 @@ def compute_scores(
         groups[region] = [int(m) for m in members]
 
     results: dict[str, dict[str, float]] = {}
+    total = int(matrix.sum())
+    # every class and label at once: the share of voxels whose label equals the reference's
+    pixel_accuracy = float(np.trace(matrix)) / total if total else float("nan")
     for name, members in groups.items():
         tp, fp, fn, tn = _counts_for(matrix, members)
         over = overlap_scores(tp, fp, fn, tn, voxel_volume_ml=voxel_ml, empty=empty)
+        over["pixel_accuracy"] = pixel_accuracy
         results[name] = {m: over[m] for m in names if m in over}
 
     if wants_surface:
@@ -977,7 +985,7 @@ def empty_case_scores(
     over = overlap_scores(0, 0, 0, 1, voxel_volume_ml=0.0, empty=empty)
     surf = distance_scores(np.zeros(0), np.zeros(0), empty=empty)
     les = LesionScores.from_lesions([], n_pred=0, empty=empty).as_dict()
-    values = {**over, **surf, **les}
+    values = {**over, **surf, **les, "pixel_accuracy": float("nan")}  # a case's value, unknown from one class
     return {m: values[m] for m in names}
 
 

@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "-o", "--output", type=Path, metavar="OUT", default=Path("."),
-        help="output folder (created if missing; default: the current folder), or a .nii.gz file for one input",
+        help="output folder (created if missing; default: the current folder), or a .nii.gz file (.png for a 2D image) for one input",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps")
     parser.add_argument("--overlap", type=_overlap, help="sliding-window overlap in [0, 1) (default: the model's, 0.5)")
@@ -163,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         cases = anonymize_cases(cases, series_uid=args.series_uid)
     out = args.output
     mask_path = None
-    if out.name.lower().endswith((".nii.gz", ".nii")):
+    if out.name.lower().endswith((".nii.gz", ".nii", ".png", ".tif", ".tiff")):  # one file; 2D masks may be images
         if len(cases) != 1:
             raise ConfigError(f"-o {out} names one file but there are {len(cases)} inputs; pass a folder.")
         mask_path = out

@@ -27,7 +27,13 @@ from pathlib import Path
 
 import numpy as np
 
-from medseg.data.folders import GEOMETRY_TOLERANCE_MM, Case, DatasetIndex, read_case
+from medseg.data.folders import (
+    GEOMETRY_TOLERANCE_MM,
+    Case,
+    DatasetIndex,
+    read_case,
+    refuse_multichannel_label,
+)
 from medseg.errors import DatasetError, GeometryError, ScanReadError
 
 __all__ = ["CheckReport", "Finding", "check_dataset"]
@@ -220,11 +226,23 @@ def _check_case(
     if label is None:
         return channels
     if label.num_channels != 1:
-        problem(f"label has {label.num_channels} channels (a 4D file); a label map must be a single 3D/2D volume")
+        try:
+            refuse_multichannel_label(label)
+        except ScanReadError as err:
+            problem(_short(err, index))
         return channels
+    if label.meta.get("format") == "jpeg":
+        problem(
+            "the label is a JPEG image: JPEG compression is lossy and changes class values at edges; "
+            "store label images as PNG (or TIFF)"
+        )
     if image is not None:
         if image.geometry.shape != label.geometry.shape:
-            problem(f"label shape {label.geometry.shape} != image shape {image.geometry.shape}")
+            if image.spatial_dims == 2 and label.spatial_dims == 2 and image.meta.get("format") != "nifti":
+                (w, h), (lw, lh) = image.geometry.shape, label.geometry.shape
+                problem(f"label size {lw} x {lh} != image size {w} x {h} (width x height)")
+            else:
+                problem(f"label shape {label.geometry.shape} != image shape {image.geometry.shape}")
         elif not image.geometry.same_grid(label.geometry, atol_mm=GEOMETRY_TOLERANCE_MM):
             distance = image.geometry.max_corner_distance(label.geometry)
             problem(

@@ -8,7 +8,12 @@ Four layouts are recognised without flags (see docs/datasets.md):
   files are ignored.
 * ``nnunet``: nnU-Net v2 raw. ``imagesTr/CASE_0000.nii.gz`` (one file per
   channel), ``labelsTr/CASE.nii.gz``, ``dataset.json`` with ``channel_names``,
-  ``labels`` (name -> value) and ``file_ending``.
+  ``labels`` (name -> value) and ``file_ending``. 2D images follow nnU-Net's
+  convention: ``imagesTr/CASE_0000.png`` holds all three channels of an RGB
+  image, ``labelsTr/CASE.png`` the integer labels.
+
+Every layout takes 2D images (``.png``, ``.jpg``, ``.tif``, ``.bmp``; read by
+:mod:`medseg.io.images2d`) as well as scans.
 * ``plain``: ``images/`` and ``labels/`` (or ``masks/``) with matching names; a
   case may be a DICOM series folder. An optional ``dataset.json`` may declare
   ``labels`` and ``channel_names``.
@@ -48,7 +53,7 @@ __all__ = [
     "strip_extension",
 ]
 
-SCAN_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+SCAN_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 Layout = Literal["msd", "nnunet", "plain", "list"]
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -153,6 +158,12 @@ def strip_extension(name: str) -> str:
 
 def _is_scan_name(path: Path) -> bool:
     return path.name.lower().endswith(SCAN_EXTENSIONS)
+
+
+def _is_image_name(path: Path) -> bool:
+    from medseg.io.images2d import is_image_path
+
+    return is_image_path(path)
 
 
 def _is_junk(path: Path) -> bool:
@@ -601,7 +612,9 @@ def _scan_plain(root: Path, images_dir: Path, meta: dict | None) -> DatasetIndex
         try:
             paths = [_check_inside(root, p, f"{images_dir.name}/{p.name}") for _, p in sorted(files)]
             if label is None and labels_dir is not None:
-                label = labels_dir / f"{case_id}.nii.gz"  # reported as missing by the check
+                # reported as missing by the check; a 2D image's label is expected as PNG
+                ending = ".png" if _is_image_name(files[0][1]) else ".nii.gz"
+                label = labels_dir / f"{case_id}{ending}"
             elif label is not None:
                 label = _check_inside(root, label, f"{labels_dir.name}/{label.name}")
         except DatasetError as err:
@@ -723,9 +736,12 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[Any, Any | None]:
         GeometryError: the channel files do not lie on the same grid.
     """
     from medseg.io import read_volume
+    from medseg.io.images2d import refuse_palette_image
     from medseg.io.volume import Volume
 
     volumes = [read_volume(p, data_root=case.root, resample_tilt=case.resample_tilt) for p in case.image_paths]
+    for v in volumes:
+        refuse_palette_image(v, f"the image of case {case.case_id!r}")
     first = volumes[0]
     if len(volumes) > 1:
         for p, v in zip(case.image_paths[1:], volumes[1:]):
@@ -741,7 +757,30 @@ def read_case(case: Case, *, with_label: bool = True) -> tuple[Any, Any | None]:
     label = None
     if with_label and case.label_path is not None:
         label = read_volume(case.label_path, data_root=case.root, resample_tilt=case.resample_tilt)
+        refuse_multichannel_label(label)
     return image, label
+
+
+def refuse_multichannel_label(label: Any) -> None:
+    """Refuse a label file with several channels (an RGB/colour label image, a 4D file).
+
+    Raises:
+        ScanReadError: ``label.num_channels != 1``.
+    """
+    from medseg.errors import ScanReadError
+
+    if label.num_channels == 1:
+        return
+    if label.spatial_dims == 2 and label.meta.get("format") in ("png", "jpeg", "tiff", "bmp"):
+        raise ScanReadError(
+            f"{label.path}: the label image has {label.num_channels} colour channels ({label.meta.get('mode')}); "
+            "a label image must hold one integer class value per pixel (greyscale, 16-bit greyscale or palette "
+            "PNG). Convert colour-coded labels to class values first (one value per colour)."
+        )
+    raise ScanReadError(
+        f"{label.path}: the label has {label.num_channels} channels (a 4D file); a label map must be a single "
+        "3D/2D volume."
+    )
 
 
 GEOMETRY_TOLERANCE_MM = 0.01

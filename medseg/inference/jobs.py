@@ -161,6 +161,7 @@ def collect_cases(
         ConfigError: two inputs give one case name.
     """
     from medseg.inference.segmenter import collect_inputs
+    from medseg.io.images2d import is_image_path
 
     names = list(channel_names or [])
     entries = collect_inputs(inputs)
@@ -202,6 +203,10 @@ def collect_cases(
                         folder, ", ".join(p.name for _, p in sorted(files.items())), case,
                     )
                 cases.extend(CohortCase(_stem(p), (p,)) for _, p in sorted(files.items()))
+            continue
+        if set(files) == {0} and is_image_path(files[0]):
+            # nnU-Net's 2D convention: one CASE_0000.png holds all channels (RGB); the count is checked when read
+            cases.append(CohortCase(case, (files[0],)))
             continue
         missing = [c for c in range(channels) if c not in files]
         extra = sorted(c for c in files if c >= channels)
@@ -530,7 +535,7 @@ def run_cohort(
     out_dir = Path(out_dir)
     plans = [
         output_paths(c.name, out_dir, probabilities=probabilities, statistics=statistics, preview=preview,
-                     mask_path=mask_path, formats=formats)
+                     mask_path=mask_path, formats=formats, source=c.source)
         for c in cases
     ]
     book = None

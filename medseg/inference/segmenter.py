@@ -65,6 +65,7 @@ from medseg.inference.provenance import (
     write_json_atomic,
 )
 from medseg.io.geometry import Geometry
+from medseg.io.images2d import is_image_path, refuse_palette_image
 from medseg.io.volume import Volume
 
 if TYPE_CHECKING:
@@ -102,7 +103,7 @@ OUTPUT_SUFFIXES = {
     "rtstruct": "_rtstruct.dcm",  # --format rtstruct
 }
 
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr")
+SCAN_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 #: Upper bounds of the small side outputs, in bytes (the NIfTI outputs are bounded from their shape).
 PROVENANCE_MAX_BYTES = 64 << 10  # plus 1 KiB per model
@@ -230,12 +231,15 @@ def output_paths(
     preview: bool = False,
     mask_path: str | os.PathLike | None = None,
     formats: Sequence[str] = ("nifti",),
+    source: str | os.PathLike | None = None,
 ) -> dict[str, Path]:
     """Output files of one case: ``<case>_mask.nii.gz`` and the asked-for side outputs.
 
     ``mask_path`` names the mask file explicitly (single-input ``-o file.nii.gz``);
     side outputs then go beside it with the mask's stem. ``formats`` adds the DICOM
     outputs (``dicom-seg``, ``rtstruct``; the NIfTI mask is always written).
+    A ``source`` that is a 2D image (``.png``, ``.jpg``, ``.tif`` ...) gets its mask
+    as ``<case>_mask.png`` (a lossless greyscale PNG; :mod:`medseg.io.images2d`).
     """
     out_dir = Path(out_dir)
     stem = case
@@ -245,7 +249,10 @@ def output_paths(
         lower = mask_path.name.lower()
         stem = mask_path.name[: -len(".nii.gz")] if lower.endswith(".nii.gz") else mask_path.stem
         stem = stem[: -len("_mask")] if stem.endswith("_mask") else stem
-    paths = {"mask": Path(mask_path) if mask_path is not None else out_dir / (stem + OUTPUT_SUFFIXES["mask"])}
+    mask_suffix = OUTPUT_SUFFIXES["mask"]
+    if source is not None and is_image_path(source):
+        mask_suffix = "_mask.png"
+    paths = {"mask": Path(mask_path) if mask_path is not None else out_dir / (stem + mask_suffix)}
     wanted = {
         "probabilities": probabilities,
         "statistics": statistics,
@@ -440,6 +447,7 @@ class Segmenter:
                 f"{plan.data_dims}D {kind}; pass a {plan.data_dims}D scan or a model trained on "
                 f"{volume.spatial_dims}D data."
             )
+        refuse_palette_image(volume)
         if volume.num_channels != n:
             c = volume.num_channels
             if volume.path is not None:  # a file's own layout: channels on the last axis (NIfTI's 4th)
@@ -904,7 +912,7 @@ def plan_outputs(
     for path, name in cases:
         paths = output_paths(
             name, out_dir, probabilities=probabilities, statistics=statistics, preview=preview, mask_path=mask_path,
-            formats=formats,
+            formats=formats, source=path,
         )
         for p in paths.values():
             _check_planned_output(p, path, overwrite=overwrite)

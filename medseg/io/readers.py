@@ -47,6 +47,7 @@ import numpy as np
 
 from medseg.errors import DicomSeriesError, GeometryError, ScanReadError
 from medseg.io.geometry import Geometry, NiftiCodes, affine_from_lps
+from medseg.io.images2d import IMAGE_SUFFIXES, read_image
 from medseg.io.volume import Volume
 
 __all__ = ["DicomSeries", "list_dicom_series", "read_volume"]
@@ -79,7 +80,9 @@ def read_volume(
 
     Args:
         path: ``.nii``/``.nii.gz`` (NIfTI-1 or -2), ``.mha``/``.mhd``/``.nrrd``/``.nhdr``,
-            or a folder holding one DICOM series (files directly in it).
+            a folder holding one DICOM series (files directly in it), or a 2D image
+            (``.png``/``.jpg``/``.jpeg``/``.tif``/``.tiff``/``.bmp``; rules in
+            :mod:`medseg.io.images2d`).
         series_uid: which series to read when a DICOM folder holds several.
         allow_shear: keep a sheared (non-orthogonal) NIfTI sform as written instead
             of refusing it. Masks written for such a scan carry the same sform
@@ -123,6 +126,8 @@ def read_volume(
         )
     if suffix in NIFTI_SUFFIXES:
         return _read_nifti(path, kind, suffix, allow_shear=allow_shear)
+    if suffix in IMAGE_SUFFIXES and kind == "unknown":
+        return read_image(path)
     if suffix in ITK_SUFFIXES:
         _check_data_files(path, suffix, Path(data_root) if data_root is not None else path.parent)
         return _read_itk_file(path)
@@ -133,7 +138,7 @@ def read_volume(
         return _read_nifti(path, kind, suffix, allow_shear=allow_shear)
     raise ScanReadError(
         f"{path}: unsupported file type {suffix or '(no extension)'}. medseg reads .nii/.nii.gz, "
-        ".mha/.mhd/.nrrd/.nhdr files and DICOM series folders."
+        ".mha/.mhd/.nrrd/.nhdr files, DICOM series folders and 2D images (.png, .jpg, .tif, .bmp)."
     )
 
 

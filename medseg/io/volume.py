@@ -51,7 +51,7 @@ class Volume:
         if self.path is None:
             return "volume"
         name = self.path.name
-        for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr"):
+        for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
             if name.lower().endswith(ext):
                 return name[: -len(ext)]
         return name

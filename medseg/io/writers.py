@@ -51,7 +51,9 @@ def write_mask(mask, like: Volume | Geometry, path: str | os.PathLike, *, overwr
             above 255.
         like: the scan the mask belongs to (its geometry and qform/sform codes are
             copied), or its :class:`Geometry`.
-        path: output file ending in ``.nii.gz`` or ``.nii``.
+        path: output file ending in ``.nii.gz`` or ``.nii``; for a 2D grid also
+            ``.png`` or ``.tif``/``.tiff`` (a greyscale image, read back and compared
+            before the rename; :mod:`medseg.io.images2d`).
         overwrite: replace an existing file (never the input itself).
 
     Returns:
@@ -63,6 +65,12 @@ def write_mask(mask, like: Volume | Geometry, path: str | os.PathLike, *, overwr
         GeometryError: the mask's shape does not match, or the written header differs.
         ArrayValueError: negative, fractional, non-finite or too large labels.
     """
+    from medseg.io.images2d import MASK_IMAGE_SUFFIXES, write_mask_image
+
+    if Path(path).name.lower().endswith(MASK_IMAGE_SUFFIXES):
+        geometry, source = _like(like)
+        target = _check_target(Path(path), source, overwrite=overwrite, image=True)
+        return write_mask_image(mask, geometry, target, overwrite=overwrite)
     return _write_nifti(_mask_data, mask, like, path, overwrite=overwrite, compresslevel=6)
 
 
@@ -230,12 +238,7 @@ def _write_nifti(
     overwrite: bool,
     compresslevel: int,
 ) -> Path:
-    if isinstance(like, Volume):
-        geometry, source = like.geometry, like.path
-    elif isinstance(like, Geometry):
-        geometry, source = like, None
-    else:
-        raise TypeError(f"like must be a Volume or a Geometry, got {type(like).__name__}.")
+    geometry, source = _like(like)
     target = _check_target(Path(path), source, overwrite=overwrite)
     with atomic_path(target, overwrite=overwrite) as temp:  # proves the folder writable before any work
         data = convert(values, geometry, target)
@@ -252,13 +255,21 @@ def _write_nifti(
     return target
 
 
+def _like(like: Volume | Geometry) -> tuple[Geometry, Path | None]:
+    if isinstance(like, Volume):
+        return like.geometry, like.path
+    if isinstance(like, Geometry):
+        return like, None
+    raise TypeError(f"like must be a Volume or a Geometry, got {type(like).__name__}.")
+
+
 def _is_gz(path: Path) -> bool:
     return path.name.lower().endswith(".nii.gz")
 
 
-def _check_target(target: Path, source: Path | None, *, overwrite: bool) -> Path:
+def _check_target(target: Path, source: Path | None, *, overwrite: bool, image: bool = False) -> Path:
     name = target.name.lower()
-    if not (name.endswith(".nii.gz") or name.endswith(".nii")):
+    if not (name.endswith(".nii.gz") or name.endswith(".nii") or image):
         raise OutputWriteError(
             f"cannot write {target}: medseg writes NIfTI only; use a name ending in .nii.gz (or .nii). "
             "Other formats (.mha, .nrrd, DICOM) may carry patient data."
