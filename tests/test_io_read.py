@@ -199,9 +199,10 @@ def test_single_dicom_file_asks_for_the_folder(tmp_path, shared_data):
 
 
 def test_unknown_extension_is_refused(tmp_path):
-    path = tmp_path / "scan.png"
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 600)
-    refused(path, ScanReadError, r"scan\.png: unsupported file type \.png")
+    # PNG is read since 2D image support (tests/test_images_2d.py); GIF is not
+    path = tmp_path / "scan.gif"
+    path.write_bytes(b"GIF89a" + b"\0" * 600)
+    refused(path, ScanReadError, r"scan\.gif: unsupported file type \.gif")
 
 
 def test_missing_path_is_refused(tmp_path):

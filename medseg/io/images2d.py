@@ -201,6 +201,8 @@ def _read_tiff(path: Path) -> tuple[np.ndarray, dict]:
             f"{path}: cannot be read as a TIFF, the file is corrupt or truncated ({type(err).__name__}: {err})."
         ) from err
     mode = getattr(photometric, "name", str(photometric))
+    if axes == "SYX" and pixels.shape[0] in (3, 4) and mode == "RGB":  # planar RGB: one plane per colour
+        pixels, axes = np.moveaxis(pixels, 0, -1), "YXS"
     if axes == "YX":
         pass
     elif axes == "YXS" and pixels.shape[-1] in (1, 3, 4) and mode in ("RGB", "MINISBLACK"):
