@@ -302,3 +302,21 @@ def test_examples_index_links_every_example():
     for folder in ("organ_ct", "tumour_mr", "brain_tissue"):
         for name in ("README.md", "config.yaml", "run.py"):
             assert (EXAMPLES / folder / name).is_file(), f"{folder}/{name}"
+
+
+# --------------------------------------------------------------------------- ct_slices_2d
+
+
+@pytest.mark.slow
+def test_ct_slices_2d_quick_writes_png_masks_of_the_input_size_and_scores_pixel_accuracy(tmp_path):
+    require_shared_data("ct_organs")
+    from PIL import Image
+
+    out = tmp_path / "out"
+    stdout = run_script(EXAMPLES / "ct_slices_2d" / "run.py", "--quick", "--device", "cpu", "--output", out).stdout
+    assert re.search(r"^liver\s+[\d.]+\s+[\d.]+\s+[\d.]+", stdout, re.MULTILINE), stdout
+    for z in range(24, 30):
+        with Image.open(out / "predictions" / f"slice_{z}_mask.png") as mask, \
+                Image.open(out / "test_images" / f"slice_{z}.png") as image:
+            assert mask.size == image.size == (122, 101) and mask.mode == "L"
+    assert set(summary(out / "report")["liver"]) == {"dice", "iou", "pixel_accuracy", "precision", "recall"}
