@@ -173,7 +173,9 @@ def test_palette_is_matplotlib_tab20_as_in_the_preview():
 
     tab20 = colormaps["tab20"]
     assert [tuple(round(255 * c) for c in tab20(i)[:3]) for i in range(20)] == list(PALETTE)
-    assert structure_colour(21) == PALETTE[1]
+    assert [structure_colour(v) for v in range(1, 11)] == list(PALETTE[0::2])  # ten distinct hues first
+    assert [structure_colour(v) for v in range(11, 21)] == list(PALETTE[1::2])
+    assert structure_colour(21) == structure_colour(1)
 
 
 # --------------------------------------------------------------------------- RTSTRUCT

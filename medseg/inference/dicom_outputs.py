@@ -94,7 +94,7 @@ SEG_TYPES = ("binary", "labelmap")
 #: BINARY: read by every DICOM-SEG reader; LABELMAP (Supplement 243, 2024) only by recent ones.
 DEFAULT_SEG_TYPE = "binary"
 
-#: Structure colours: label value v gets entry v mod 20 (matplotlib's tab20, as in the preview PNG).
+#: matplotlib's tab20 colours; :func:`structure_colour` picks a label's (as the preview PNG does).
 PALETTE: tuple[tuple[int, int, int], ...] = (
     (31, 119, 180), (174, 199, 232), (255, 127, 14), (255, 187, 120), (44, 160, 44),
     (152, 223, 138), (214, 39, 40), (255, 152, 150), (148, 103, 189), (197, 176, 213),
@@ -149,8 +149,13 @@ def parse_formats(value: str | Sequence[str]) -> tuple[str, ...]:
 
 
 def structure_colour(value: int) -> tuple[int, int, int]:
-    """RGB colour of label value ``value`` (:data:`PALETTE`)."""
-    return PALETTE[int(value) % len(PALETTE)]
+    """RGB colour of label value ``value``: tab20's ten strong hues for 1-10, their light pairs for 11-20, again from 21.
+
+    Labels 1-10 get ten distinct hues (tab10), so the few structures of most
+    models never share a hue family; the preview PNG uses the same colours.
+    """
+    step = (int(value) - 1) % 20
+    return PALETTE[2 * (step % 10) + step // 10]
 
 
 def check_output_formats(cases: Sequence[tuple[Path, str]], formats: Sequence[str], *, anonymize: bool = False) -> None:

@@ -727,7 +727,7 @@ class Segmenter:
             title = paths["mask"].name.removesuffix(OUTPUT_SUFFIXES["mask"])
             written["preview"] = write_preview(
                 volume.array[0], prediction.mask, prediction.geometry, paths["preview"],
-                labels=prediction.labels, title=title, overwrite=overwrite,
+                labels=prediction.labels, title=title, statistics=prediction.statistics, overwrite=overwrite,
             )
         if "provenance" in paths:
             record = anonymize_provenance(prediction.provenance) if anonymize else dict(prediction.provenance)
