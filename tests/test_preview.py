@@ -195,3 +195,31 @@ def test_preview_of_a_real_lps_ct_angiography_with_its_masks():
     assert set(np.unique(panels[0].mask)) == {0, 1, 2}  # the axial slice shows the aorta and T12
     png = render_preview(volume.array[0], mask, volume.geometry, labels={1: "aorta", 2: "T12"}, title="C")
     assert _png_size(png) == (1200, pytest.approx(1000, abs=150))
+
+
+# --------------------------------------------------------------------------- TensorBoard overlay
+
+
+def test_tensorboard_overlay_is_upright_radiological_coloured_per_class_and_enlarged():
+    import torch
+
+    from medseg.inference.dicom_outputs import structure_colour
+    from medseg.training.trainer import _overlay
+
+    image = torch.zeros(1, 32, 24, 8)  # RAS plan grid: x towards R, y towards A
+    label = np.zeros((32, 24, 8), dtype=np.int64)
+    label[26:30, 18:22, 4] = 1  # right, anterior
+    label[2:6, 2:6, 4] = 2  # left, posterior
+    rgb = _overlay(image, label, label.copy())
+    assert rgb.dtype == np.uint8 and rgb.shape[0] >= 256  # 24 rows enlarged 11x
+    factor = rgb.shape[0] // 24
+    reference = rgb[:, 32 * factor + 4 : 64 * factor + 4]  # the middle panel
+    colour = {v: np.asarray(structure_colour(v)) for v in (1, 2)}
+
+    def where(value: int) -> np.ndarray:  # filled pixels: 45 % of the colour over black
+        return np.argwhere(np.all(np.abs(reference - 0.45 * colour[value]) <= 1, axis=-1)).mean(axis=0)
+
+    (r1, c1), (r2, c2) = where(1), where(2)
+    h, w = reference.shape[:2]
+    assert r1 < h / 2 and c1 < w / 2  # right-anterior: top left
+    assert r2 > h / 2 and c2 > w / 2  # left-posterior: bottom right

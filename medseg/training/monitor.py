@@ -182,25 +182,47 @@ def _mean_fg(val_dice: dict[str, float] | None) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def overlay_image(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Side by side: the slice, reference in green, prediction in red (``(H, 3W, 3)`` uint8).
+def overlay_image(image: np.ndarray, label: np.ndarray, pred: np.ndarray, *, min_height: int = 256) -> np.ndarray:
+    """Side by side: the slice, the reference and the prediction (``(H, 3W + 8, 3)`` uint8).
+
+    Each class has its colour of the preview PNG and the DICOM outputs
+    (:func:`medseg.inference.dicom_outputs.structure_colour`), filled at 45 %
+    opacity with an opaque outline; panels are 4 black pixels apart. Small slices
+    are enlarged by an integer factor (nearest neighbour) to at least
+    ``min_height`` rows, so TensorBoard shows them at a readable size.
 
     Args:
-        image: ``(H, W)`` intensities (any range).
+        image: ``(H, W)`` intensities (any range), already oriented for display.
         label, pred: ``(H, W)`` class indices.
     """
     import numpy as np
 
+    from medseg.inference.dicom_outputs import structure_colour
+
     img = image.astype(np.float32)
     lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
     gray = np.clip((img - lo) / (hi - lo if hi > lo else 1.0), 0, 1)
+    factor = max(1, -(-min_height // max(1, gray.shape[0])))
+    if factor > 1:
+        gray, label, pred = (np.repeat(np.repeat(a, factor, axis=0), factor, axis=1) for a in (gray, label, pred))
     base = np.repeat(gray[..., None], 3, axis=-1)
 
-    def tint(mask: np.ndarray, color: tuple[float, float, float]) -> np.ndarray:
+    def tint(mask: np.ndarray) -> np.ndarray:
         out = base.copy()
-        m = mask > 0
-        out[m] = 0.5 * out[m] + 0.5 * np.asarray(color, dtype=np.float32)
+        edge = np.zeros(mask.shape, dtype=bool)
+        edge[:-1] |= mask[:-1] != mask[1:]
+        edge[1:] |= mask[1:] != mask[:-1]
+        edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
+        edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
+        for value in np.unique(mask).tolist():
+            if value == 0:
+                continue
+            m = mask == value
+            colour = np.asarray(structure_colour(int(value)), dtype=np.float32) / 255
+            alpha = np.where(edge[m], 1.0, 0.45)[:, None]
+            out[m] = (1 - alpha) * out[m] + alpha * colour
         return out
 
-    panel = np.concatenate([base, tint(label, (0.0, 1.0, 0.0)), tint(pred, (1.0, 0.0, 0.0))], axis=1)
+    gap = np.zeros((base.shape[0], 4, 3), dtype=np.float32)
+    panel = np.concatenate([base, gap, tint(label), gap, tint(pred)], axis=1)
     return (panel * 255).round().astype(np.uint8)

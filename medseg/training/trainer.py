@@ -848,14 +848,20 @@ def _default_predict(network: nn.Module, image: Any, plan: Plan, **kwargs: Any) 
 
 
 def _overlay(image: Any, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """TensorBoard overlay of a validation case on the plan grid, shown as the preview PNG shows it.
+
+    3D cases are in RAS (``plan.orientation``): the axial slice through the reference's
+    largest cross-section (else the middle one), anterior up and the patient's right on
+    the left. 2D cases (not re-oriented): axis 0 across, axis 1 down, as an image is read.
+    """
     img = image.detach().cpu().numpy() if hasattr(image, "detach") else np.asarray(image)
     img = img[0]
-    if img.ndim == 3:  # the slice through the reference's largest cross-section, else the middle one
-        axis = 2
+    if img.ndim == 3:
         area = (label > 0).sum(axis=(0, 1))
-        z = int(area.argmax()) if area.max() > 0 else img.shape[axis] // 2
-        return overlay_image(img[..., z], label[..., z], pred[..., z])
-    return overlay_image(img, label, pred)
+        z = int(area.argmax()) if area.max() > 0 else img.shape[2] // 2
+        img, label, pred = (a[..., z].T[::-1, ::-1] for a in (img, label, pred))
+        return overlay_image(img, label, pred)
+    return overlay_image(img.T, label.T, pred.T)
 
 
 def _mean(dice: dict[str, float]) -> float | None:
