@@ -7,6 +7,7 @@ import struct
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import require_shared_data
 
 from medseg.inference.preview import (
     _panel_2d,
@@ -21,7 +22,6 @@ from medseg.inference.preview import (
 )
 from medseg.inference.stats import label_statistics
 from medseg.io.geometry import Geometry
-from tests.conftest import require_shared_data
 
 
 def _geometry(shape, spacing=(1.0, 1.0, 1.0), code="RAS") -> Geometry:
@@ -223,3 +223,17 @@ def test_tensorboard_overlay_is_upright_radiological_coloured_per_class_and_enla
     h, w = reference.shape[:2]
     assert r1 < h / 2 and c1 < w / 2  # right-anterior: top left
     assert r2 > h / 2 and c2 > w / 2  # left-posterior: bottom right
+
+
+def test_the_largest_preview_stays_within_the_size_the_free_space_check_counts():
+    from medseg.inference.segmenter import PREVIEW_MAX_BYTES
+
+    image = np.zeros((20, 30, 200), dtype=np.float32)  # tall: 200 mm high, 20 mm wide
+    mask = np.zeros(image.shape, dtype=np.uint8)
+    labels = {}
+    for v in range(1, 100):  # 99 structures with long names
+        mask[v % 20, v % 30, v] = v
+        labels[v] = f"structure_with_a_rather_long_anatomical_name_{v}"
+    png = render_preview(image, mask, _geometry(image.shape), labels=labels)
+    width, height = _png_size(png)
+    assert width <= 1200 and height <= 1600 and width * height * 4 + 65536 <= PREVIEW_MAX_BYTES

@@ -54,6 +54,8 @@ from medseg.io.geometry import Geometry
 __all__ = [
     "CT_WINDOW",
     "FILL_ALPHA",
+    "MAX_HEIGHT_PX",
+    "MAX_WIDTH_PX",
     "THIN_MM",
     "THIN_RATIO",
     "THIN_SLICES",
@@ -82,8 +84,11 @@ CT_WINDOW = (-160.0, 240.0)
 CT_AIR_HU = -500.0
 #: Margin (mm) around the body and the labels in the crop.
 CROP_MARGIN_MM = 10.0
-#: Most legend entries shown (the rest are counted).
+#: Most legend entries shown (the rest are counted), and the longest structure name shown.
 MAX_LEGEND = 60
+MAX_NAME = 40
+#: Largest image: a taller figure is drawn at a lower dpi (the free-space check counts on this bound).
+MAX_WIDTH_PX, MAX_HEIGHT_PX = 1200, 1600
 _SAMPLES = 1 << 20
 _AXIS_LETTERS = (("R", "L"), ("A", "P"), ("S", "I"))  # RAS axis -> (letter at +, letter at -)
 _VIEW_OF_AXIS = {0: "sagittal", 1: "coronal", 2: "axial"}  # the view across each RAS axis
@@ -319,7 +324,9 @@ def legend_entries(
                 amount += f" · {_format_amount(float(row['volume_ml']) * 10.0)} cm²"
         else:
             amount = f"{_format_amount(float(row['volume_ml']))} mL"
-        found.append((int(row["label"]), f"{row['name']}  {amount}"))
+        name = str(row["name"])
+        name = name if len(name) <= MAX_NAME else name[: MAX_NAME - 1] + "…"
+        found.append((int(row["label"]), f"{name}  {amount}"))
     return found, missing
 
 
@@ -552,7 +559,8 @@ def render_preview(
     legend_h = 0.2 + rows * font / 46.0 + (0.25 if extra else 0.0)
     footer = 0.4
     height = header + body + legend_h + footer
-    fig = Figure(figsize=(width, height), dpi=100, facecolor="#111111")
+    dpi = min(100.0, MAX_WIDTH_PX / width, MAX_HEIGHT_PX / height)
+    fig = Figure(figsize=(width, height), dpi=dpi, facecolor="#111111")
     FigureCanvasAgg(fig)
 
     def rect(x: float, y_top: float, w: float, h: float) -> list[float]:  # inches from the top-left corner

@@ -108,7 +108,7 @@ SCAN_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".
 #: Upper bounds of the small side outputs, in bytes (the NIfTI outputs are bounded from their shape).
 PROVENANCE_MAX_BYTES = 64 << 10  # plus 1 KiB per model
 STATS_MAX_BYTES_PER_LABEL = 1 << 10  # per file (JSON and CSV), plus 4 KiB
-PREVIEW_MAX_BYTES = 4 << 20  # a 12 x 4.4 inch figure at 100 dpi: 1200 x 440 RGBA is 2.1 MB uncompressed
+PREVIEW_MAX_BYTES = 8 << 20  # preview.MAX_WIDTH_PX x MAX_HEIGHT_PX: 1200 x 1600 RGBA is 7.7 MB uncompressed
 
 # --------------------------------------------------------------------------- results
 
