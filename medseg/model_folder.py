@@ -16,7 +16,15 @@ Layout (``format_version`` 1)::
      "fold": 0 | "all",
      "weights": "weights.safetensors",
      "weights_sha256": "<hex>",
-     "training": {"epoch": 120, "best_epoch": 95, "val_dice": {"liver": 0.95, ...}}}
+     "training": {"epoch": 120, "best_epoch": 95, "val_dice": {"liver": 0.95, ...}},
+     "volume_ranges": {"1": {"min_ml": 900.0, "max_ml": 2400.0, "present": 40, "cases": 41}, ...}}
+
+``volume_ranges`` (optional; absent in folders written before it existed) holds,
+per foreground label value, the smallest and largest volume in mL over the
+training cases that contain it, and in how many of how many cases it occurs:
+the ``volume`` quality flag of ``medseg infer`` (:mod:`medseg.inference.quality`)
+reads it here, so a copied model folder keeps that check without its run's
+``fingerprint.json``.
 
 A folder is written into a temporary sibling and renamed into place, so a
 reader never sees a half-written folder. Loading verifies the weights' sha256
@@ -116,6 +124,7 @@ def save_model_folder(
     infer_config: InferConfig,
     fold: int | str,
     training_info: dict[str, Any],
+    volume_ranges: dict[int, dict[str, float]] | None = None,
 ) -> Path:
     """Write a model folder atomically (temp sibling folder, then rename into place).
 
@@ -128,6 +137,8 @@ def save_model_folder(
         infer_config: inference defaults to store.
         fold: fold index or ``"all"``.
         training_info: ``{"epoch", "best_epoch", "val_dice": {class_name: dice}}`` (JSON-able).
+        volume_ranges: label value -> ``{"min_ml", "max_ml", "present", "cases"}`` over the
+            training cases (:func:`medseg.inference.quality.fingerprint_volume_ranges`); omitted when None.
 
     Returns:
         The model folder path.
@@ -153,6 +164,8 @@ def save_model_folder(
             "weights_sha256": _sha256(weights),
             "training": training_info,
         }
+        if volume_ranges is not None:
+            meta["volume_ranges"] = {str(int(v)): dict(r) for v, r in sorted(volume_ranges.items())}
         try:
             text = json.dumps(meta, indent=2)
         except TypeError as err:
@@ -204,6 +217,7 @@ class ModelRecord:
     weights_sha256: str
     medseg_version: str | None = None
     training: dict[str, Any] | None = None
+    volume_ranges: dict[str, Any] | None = None
 
 
 def read_model_json(model_dir: str | Path) -> dict[str, Any]:

@@ -114,6 +114,7 @@ def save_model(
     options: dict | None = None,
     fold: int | str = 0,
     infer: InferConfig | None = None,
+    volume_ranges: dict[int, dict] | None = None,
 ) -> Path:
     """Build a registered test network for ``plan`` and save it as a model folder."""
     from medseg.models import create_model_from_plan
@@ -129,6 +130,7 @@ def save_model(
         infer_config=infer or InferConfig(),
         fold=fold,
         training_info={"epoch": 0, "best_epoch": 0, "val_dice": {}},
+        volume_ranges=volume_ranges,
     )
 
 

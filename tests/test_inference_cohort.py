@@ -242,6 +242,34 @@ def test_volume_flag_uses_the_run_fingerprint(tmp_path, model):
     assert "absent" in volume_finding([{**stats[0], "volume_ml": 0.0}], ranges)
 
 
+def test_volume_flag_of_a_copied_model_folder_comes_from_its_model_json(tmp_path):
+    from medseg.inference.quality import training_volume_ranges
+
+    plan = make_plan(target_spacing=(1.2, 1.2, 2.5))
+    ranges = {1: {"min_ml": 2.0, "max_ml": 4.0, "present": 2, "cases": 2}}
+    model_dir = save_model(tmp_path / "copied_model", plan, volume_ranges=ranges)  # no fingerprint.json anywhere
+    assert not list(tmp_path.rglob("fingerprint.json"))
+    assert training_volume_ranges(model_dir, plan) == ranges
+    scans = tmp_path / "scans"
+    _save(_image(5.0), scans / "small.nii.gz")  # a 0.5 mL sphere: below 2 / 1.5 mL
+    out = tmp_path / "out"
+    assert main(["infer", str(scans), "-m", str(model_dir), "-o", str(out)]) == 0
+    manifest = _read_manifest(out)
+    assert list(manifest["small"]["qc"]) == ["volume"]
+    assert "(training 2-4 mL)" in manifest["small"]["qc"]["volume"]
+    # model.json's ranges win over a run's fingerprint; a damaged entry falls back to it
+    run = tmp_path / "run"
+    inside = save_model(run / "fold_0" / "model", plan, volume_ranges={1: {**ranges[1], "max_ml": 6.0}})
+    (run / "fingerprint.json").write_text(json.dumps({
+        "label_values": [0, 1], "spacings": [[1.0, 1.0, 2.0]], "class_voxels": [[9000, 1000]],
+    }))
+    assert training_volume_ranges(inside, plan)[1]["max_ml"] == 6.0
+    meta = json.loads((inside / "model.json").read_text())
+    meta["volume_ranges"] = {"7": ranges[1]}  # a label the plan does not have
+    (inside / "model.json").write_text(json.dumps(meta))
+    assert training_volume_ranges(inside, plan) == {1: {"min_ml": 2.0, "max_ml": 2.0, "present": 1, "cases": 1}}
+
+
 def test_anonymized_manifest_holds_no_input_path(tmp_path, model):
     scans = tmp_path / "Doe_John_scans"
     _save(_image(5.0), scans / "Doe_John.nii.gz")

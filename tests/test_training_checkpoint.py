@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -262,6 +264,29 @@ def test_training_writes_metrics_log_events_and_best_and_last_models(tmp_path):
     assert "validation (2 cases" in (fold / "train.log").read_text()
     assert any((fold / "events").iterdir())
     assert (fold / "model" / "model.json").is_file() and (fold / "model_last" / "model.json").is_file()
+
+
+def test_model_folder_carries_the_training_volume_ranges_of_the_runs_fingerprint(tmp_path):
+    from medseg.inference.quality import training_volume_ranges
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "fingerprint.json").write_text(json.dumps({
+        "label_values": [0, 1, 2], "spacings": [[1.0, 1.0, 2.0], [1.0, 1.0, 2.0]],
+        "class_voxels": [[9000, 1000, 0], [8000, 2000, 500]],
+    }))
+    trainer = make_trainer(run / "fold_0", max_epochs=1, val_every=1)
+    assert trainer.fit().status == "completed"
+    expected = {"1": {"min_ml": 2.0, "max_ml": 4.0, "present": 2, "cases": 2},
+                "2": {"min_ml": 1.0, "max_ml": 1.0, "present": 1, "cases": 2}}
+    for name in ("model", "model_last"):
+        assert json.loads((run / "fold_0" / name / "model.json").read_text())["volume_ranges"] == expected
+    copy = tmp_path / "elsewhere" / "model"  # a copied model folder: no fingerprint.json around it
+    shutil.copytree(run / "fold_0" / "model", copy)
+    assert training_volume_ranges(copy, trainer.plan) == {int(k): v for k, v in expected.items()}
+    outside = make_trainer(tmp_path / "alone" / "fold_0", max_epochs=1, val_every=1)  # no run: no field
+    outside.fit()
+    assert "volume_ranges" not in json.loads((tmp_path / "alone" / "fold_0" / "model" / "model.json").read_text())
 
 
 def test_nan_loss_stops_with_clear_message_and_keeps_last_good_checkpoint(tmp_path):

@@ -577,7 +577,8 @@ def run_cohort(
             book.save()
     ranges = training_volume_ranges(segmenter.models[0].path, segmenter.plan) if todo else None
     if todo and ranges is None:
-        log.info("no training fingerprint beside the model: the 'volume' QC flag is not checked")
+        log.info("no training volume ranges (model.json, or a run fingerprint beside the model): "
+                 "the 'volume' QC flag is not checked")
 
     def finish(case: CohortCase, row: dict[str, Any]) -> None:
         rows[case.name] = row

@@ -12,10 +12,12 @@ reason to look at the case, not an error: the mask is written either way.
     A structure's volume lies outside the range seen in training, widened by
     :data:`VOLUME_TOLERANCE` (below ``min / 1.5`` or above ``1.5 * max`` mL over
     the training cases that hold it), or it is absent although every training
-    case holds it. The ranges come from the run's ``fingerprint.json``
-    (per-case voxel counts and spacings), found beside the model folder
-    (``RUN/fold_K/model`` -> ``RUN/fingerprint.json``); a model folder outside
-    its run has no ranges and this check is skipped.
+    case holds it. Training stores the ranges in the model folder's
+    ``model.json`` (``volume_ranges``), so a copied model folder keeps the
+    check; for a model folder written before that, they come from the run's
+    ``fingerprint.json`` (per-case voxel counts and spacings) beside it
+    (``RUN/fold_K/model`` -> ``RUN/fingerprint.json``). A model folder with
+    neither has no ranges and this check is skipped.
 ``low_confidence``
     The mean, over the voxels predicted as foreground (on the network's grid),
     of the largest softmax probability is below :data:`CONFIDENCE_THRESHOLD`
@@ -53,8 +55,10 @@ __all__ = [
     "assess_prediction",
     "border_finding",
     "confidence_finding",
+    "fingerprint_volume_ranges",
     "foreground_confidence",
     "intensity_finding",
+    "parse_volume_ranges",
     "training_volume_ranges",
     "volume_finding",
 ]
@@ -131,9 +135,55 @@ def border_finding(mask: np.ndarray, labels: dict[int, str]) -> str | None:
 def training_volume_ranges(model_dir: str | Path, plan: Plan) -> dict[int, dict[str, float]] | None:
     """Per label value: ``{"min_ml", "max_ml", "present", "cases"}`` over the training cases.
 
-    Read from the run's ``fingerprint.json`` (``RUN/fold_K/model`` -> ``RUN``; also the model
-    folder itself and its parent are tried). Returns None when there is none, it cannot be
-    read, or its labels differ from the plan's (the check is then skipped).
+    Read from the model folder's ``model.json`` (``volume_ranges``, written by
+    training since model folders carry them), else from the run's
+    ``fingerprint.json`` (:func:`fingerprint_volume_ranges`: an older model folder
+    still inside its run). Returns None when neither has them (the check is then
+    skipped); a damaged ``volume_ranges`` is logged and the fingerprint tried.
+    """
+    path = Path(model_dir) / "model.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8")).get("volume_ranges")
+    except FileNotFoundError:
+        stored = None
+    except (OSError, ValueError, AttributeError) as err:
+        log.warning("cannot read %s (%s): volume ranges are looked for in the run's fingerprint", path, err)
+        stored = None
+    if stored is not None:
+        try:
+            return parse_volume_ranges(stored, plan)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            log.warning("%s has damaged volume_ranges (%s): the run's fingerprint is tried instead", path, err)
+    return fingerprint_volume_ranges(model_dir, plan)
+
+
+def parse_volume_ranges(stored: dict[str, Any], plan: Plan) -> dict[int, dict[str, float]]:
+    """``model.json``'s ``volume_ranges`` (label value as a string -> range) with int keys, checked.
+
+    Raises:
+        ValueError: a label value the plan does not have, or a range with min > max or present > cases.
+        KeyError, TypeError: a missing or non-numeric field.
+    """
+    known = {int(v) for v in plan.label_values}
+    ranges = {}
+    for key, entry in stored.items():
+        value = int(key)
+        if value not in known or value == 0:
+            raise ValueError(f"label {value} is not a foreground label of the plan {sorted(known)}")
+        item = {
+            "min_ml": float(entry["min_ml"]), "max_ml": float(entry["max_ml"]),
+            "present": int(entry["present"]), "cases": int(entry["cases"]),
+        }
+        if not 0 <= item["min_ml"] <= item["max_ml"] or not 0 < item["present"] <= item["cases"]:
+            raise ValueError(f"label {value}: inconsistent range {entry}")
+        ranges[value] = item
+    return ranges
+
+
+def fingerprint_volume_ranges(model_dir: str | Path, plan: Plan) -> dict[int, dict[str, float]] | None:
+    """Volume ranges from the run's ``fingerprint.json`` (``RUN/fold_K/model`` -> ``RUN``; the
+    model folder itself and its parent are tried too), or None when there is none, it
+    cannot be read, or its labels differ from the plan's.
     """
     model_dir = Path(model_dir)
     for folder in (model_dir, model_dir.parent, model_dir.parent.parent):

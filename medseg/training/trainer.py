@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from medseg.errors import TrainingError
+from medseg.inference.quality import fingerprint_volume_ranges
 from medseg.model_folder import save_model_folder
 from medseg.training.budget import BudgetPlan, parse_duration, plan_budget
 from medseg.training.checkpoint import (
@@ -258,6 +259,8 @@ class Trainer:
         self.config = config
         self.cfg = config.train
         self.fold_dir = Path(fold_dir)
+        # training volume range per label (run's fingerprint.json; None outside a run), kept in model.json
+        self.volume_ranges = fingerprint_volume_ranges(self.fold_dir / "model", plan)
         self.batches = batches
         self.val_cases = list(val_cases)
         self.device = device
@@ -828,6 +831,7 @@ class Trainer:
             plan=self.plan,
             infer_config=self.config.infer,
             fold=self.fold,
+            volume_ranges=self.volume_ranges,
             training_info={
                 "epoch": self.state.epoch if last else self.state.epoch + 1,
                 "best_epoch": self.state.best_epoch,
