@@ -225,6 +225,14 @@ def test_truncated_gz_is_refused(tmp_path):
     refused(path, ScanReadError, r"cut\.nii\.gz: truncated or corrupt NIfTI file \(EOFError")
 
 
+
+def test_gz_with_a_corrupt_deflate_stream_is_refused(tmp_path):
+    # a valid gzip header, then a deflate block of the reserved type 3: every decoder refuses it
+    path = tmp_path / "garbled.nii.gz"
+    path.write_bytes(b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\xff" + b"\x07" + b"\x00" * 600)
+    refused(path, ScanReadError, r"garbled\.nii\.gz: truncated or corrupt NIfTI file")
+
+
 def test_gz_missing_only_its_crc_trailer_is_refused(tmp_path, small):
     path, _ = small
     cut = tmp_path / "trailer.nii.gz"

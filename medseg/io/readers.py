@@ -33,19 +33,18 @@ Rules (the full list, with every refusal, is in ``docs/geometry.md``):
 
 from __future__ import annotations
 
-import gzip
 import io
 import math
 import os
 import struct
 import warnings
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from medseg.errors import DicomSeriesError, GeometryError, ScanReadError
+from medseg.io.compression import GZIP_ERRORS, gzip_open
 from medseg.io.geometry import Geometry, NiftiCodes, affine_from_lps
 from medseg.io.images2d import IMAGE_SUFFIXES, read_image
 from medseg.io.volume import Volume
@@ -272,7 +271,7 @@ def _read_nifti(path: Path, kind: str, suffix: str, *, allow_shear: bool) -> Vol
             stacklevel=3,
         )
     try:
-        with gzip.open(path, "rb") if compressed else open(path, "rb") as f:
+        with gzip_open(path, "rb") if compressed else open(path, "rb") as f:
             head = f.read(540)
             inner = _nifti_kind(head)
             if inner is None:
@@ -304,7 +303,7 @@ def _read_nifti(path: Path, kind: str, suffix: str, *, allow_shear: bool) -> Vol
     except (
         OSError,
         EOFError,
-        zlib.error,
+        *GZIP_ERRORS,
         ValueError,
         nib.filebasedimages.ImageFileError,
         nib.spatialimages.HeaderDataError,

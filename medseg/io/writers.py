@@ -19,7 +19,6 @@ Every write goes the same way (``docs/geometry.md`` has the details):
 
 from __future__ import annotations
 
-import gzip
 import math
 import os
 import shutil
@@ -31,6 +30,7 @@ import numpy as np
 
 from medseg.errors import ArrayValueError, GeometryError, OutputExistsError, OutputWriteError
 from medseg.io.atomic import atomic_path
+from medseg.io.compression import gzip_open, gzip_writer
 from medseg.io.geometry import Geometry, NiftiCodes
 from medseg.io.volume import Volume
 
@@ -245,9 +245,7 @@ def _write_nifti(
         image, qcode, scode = _nifti_image(data, geometry)
         with open(temp, "wb") as raw:
             if _is_gz(target):
-                with gzip.GzipFile(
-                    filename="", mode="wb", fileobj=raw, compresslevel=compresslevel, mtime=0
-                ) as gz:
+                with gzip_writer(raw, compresslevel=compresslevel) as gz:
                     image.to_stream(gz)
             else:
                 image.to_stream(raw)
@@ -357,7 +355,7 @@ def _check_written(
     """Re-read the temporary file's header and check it against what was meant to be written."""
     import nibabel as nib
 
-    with gzip.open(temp, "rb") if _is_gz(target) else open(temp, "rb") as f:
+    with gzip_open(temp, "rb") if _is_gz(target) else open(temp, "rb") as f:
         header = nib.Nifti1Header.from_fileobj(f)
     problems = []
     shape = tuple(int(s) for s in header.get_data_shape())
