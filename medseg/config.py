@@ -218,7 +218,7 @@ class InferConfig:
 
     overlap: float = _doc("Fraction of overlap between neighbouring windows (0.5 = nnU-Net).", 0.5)
     tta: Literal["auto", "on", "off"] = _doc(
-        "Mirroring test-time augmentation; auto: on for GPUs, off on CPU (8x slower in 3D for ~+0.5 Dice).", "auto"
+        "Mirroring test-time augmentation; auto: on for GPUs, off on CPU (8 forward passes per window in 3D).", "auto"
     )
     batch_size: int = _doc("Windows per forward pass.", 2)
     postprocess: str = _doc("none, largest (largest component per class) or min-size=N (voxels).", "none")
