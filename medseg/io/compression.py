@@ -1,9 +1,9 @@
 """gzip for ``.nii.gz`` files: ISA-L (``python-isal``) when installed, else the standard library.
 
 Both write and read the same gzip format (RFC 1952), so files stay valid for
-every NIfTI reader. ISA-L decompresses about 3x and compresses about 4x faster
-than zlib on this project's CT volumes and masks (``benchmarks/infer.py
---gzip``). Its levels are 0-3: a requested zlib level is capped at 3.
+every NIfTI reader. ISA-L read this project's CT volumes 2-3x and wrote its
+masks ~3x faster than zlib (``benchmarks/infer.py --gzip``, docs/performance.md).
+Its levels are 0-3: a requested zlib level is capped at 3.
 """
 
 from __future__ import annotations
