@@ -34,6 +34,7 @@ import argparse
 from pathlib import Path
 
 from medseg.commands._options import add_folds_argument
+from medseg.inference.backends import BACKENDS
 
 HELP = "segment scans (NIfTI files, DICOM series folders or folders of scans) with a trained model"
 
@@ -99,6 +100,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="largest (largest component per class), min-size=N (drop components < N voxels) or none",
     )
     parser.add_argument("--batch-size", type=_positive, help="windows per forward pass (default: the model's)")
+    parser.add_argument(
+        "--backend", default="auto", choices=BACKENDS,
+        help="how the network runs on the CPU: torch (PyTorch eager), channels-last, compile (torch.compile), "
+        "onnxruntime or openvino (pip install 'medseg[cpu-fast]'); each is checked against PyTorch's logits "
+        "when set up. auto (default): openvino when installed and it passes the check (measured fastest on "
+        "CPUs, docs/performance.md), else torch; always torch on a GPU",
+    )
     parser.add_argument("--series-uid", help="the series to segment when a DICOM folder holds several")
     parser.add_argument(
         "--resample-tilt", action="store_true",
@@ -175,12 +183,13 @@ def run(args: argparse.Namespace) -> int:
         )
     segmenter = Segmenter.load(
         model_dir, device=args.device, folds=args.folds, tta=args.tta, overlap=args.overlap,
-        batch_size=args.batch_size, postprocess=args.postprocess,
+        batch_size=args.batch_size, postprocess=args.postprocess, backend=args.backend,
     )
     log = logging.getLogger("medseg.infer")
     log.info(
-        "model %s (%d fold(s)) on %s, tta %s, overlap %.2f",
-        model_dir, len(segmenter.models), segmenter.device, "on" if segmenter.tta else "off", segmenter.overlap,
+        "model %s (%d fold(s)) on %s (backend %s), tta %s, overlap %.2f",
+        model_dir, len(segmenter.models), segmenter.device, segmenter.backend, "on" if segmenter.tta else "off",
+        segmenter.overlap,
     )
     result = run_cohort(
         segmenter, cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,

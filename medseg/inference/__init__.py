@@ -9,7 +9,8 @@ Modules (imported on use; none imports torch at package import):
 - :mod:`~medseg.inference.restore`: plan-grid scores back onto the scan's grid;
 - :mod:`~medseg.inference.postprocess`, :mod:`~medseg.inference.stats`,
   :mod:`~medseg.inference.preview`, :mod:`~medseg.inference.provenance`: outputs;
-- :mod:`~medseg.inference.export`: TorchScript / ONNX export.
+- :mod:`~medseg.inference.export`: TorchScript / ONNX export;
+- :mod:`~medseg.inference.backends`: ``--backend`` (OpenVINO, ONNX Runtime, torch.compile ...).
 
 See ``docs/inference.md``.
 """

@@ -27,14 +27,14 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 import numpy as np
 
 from medseg.errors import CheckpointError, ConfigError, OutputExistsError
 from medseg.io.atomic import atomic_dir, check_folder_replaceable, refuse_output_over_inputs
 
-__all__ = ["EXPORT_FILES", "export_model", "run_exported"]
+__all__ = ["EXPORT_FILES", "export_model", "run_exported", "write_onnx"]
 
 EXPORT_FILES = {"torchscript": "model.torchscript.pt", "onnx": "model.onnx"}
 LOGITS_ATOL = 1e-4
@@ -45,6 +45,29 @@ def _example_input(plan, batch: int = 1, seed: int = 0):
 
     gen = torch.Generator().manual_seed(seed)
     return torch.randn((batch, plan.in_channels, *plan.patch_size), generator=gen)
+
+
+def write_onnx(model, example, target: str | os.PathLike | BinaryIO, *, opset: int = 17) -> None:
+    """Export ``model`` (eval mode) to ONNX at ``target`` (a path or a binary file object).
+
+    Input ``image`` ``(N, C, *patch)``, output ``logits``; the batch axis is dynamic,
+    the window shape that of ``example``. The TorchScript-based exporter is used
+    (it needs no onnxscript); its deprecation and tracer warnings are silenced.
+
+    Raises:
+        RuntimeError, TypeError, ValueError, torch.jit.Error: the exporter's own errors.
+    """
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        warnings.filterwarnings("ignore", message=".*instance_norm.*train=True", category=UserWarning)
+        torch.onnx.export(
+            model, (example,), target, dynamo=False, opset_version=opset,
+            input_names=["image"], output_names=["logits"],
+            dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+        )
 
 
 def run_exported(path: str | os.PathLike, x: np.ndarray) -> np.ndarray:
@@ -128,11 +151,7 @@ def export_model(
                     traced = torch.jit.trace(model, example, check_trace=False)
                     traced.save(str(target))
                 else:
-                    torch.onnx.export(
-                        model, (example,), str(target), dynamo=False, opset_version=opset,
-                        input_names=["image"], output_names=["logits"],
-                        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
-                    )
+                    write_onnx(model, example, str(target), opset=opset)
         except (RuntimeError, TypeError, ValueError, torch.jit.Error) as err:
             raise CheckpointError(f"cannot export {dirs[0]} to {format}: {err}".splitlines()[0]) from err
         save_plan(plan, tmp / "plan.json")

@@ -294,6 +294,8 @@ class Segmenter:
         batch_size: windows per forward pass.
         postprocess: ``none``, ``largest`` or ``min-size=N``.
         skip_empty_windows: skip windows without a body voxel (same layout; see ``sliding_window``).
+        backend: how the networks run (``medseg.inference.backends``: torch, channels-last,
+            compile, onnxruntime, openvino or auto); each is checked against PyTorch when set up.
     """
 
     def __init__(
@@ -306,6 +308,7 @@ class Segmenter:
         batch_size: int,
         postprocess: str | PostprocessSpec = "none",
         skip_empty_windows: bool = True,
+        backend: str = "torch",
     ) -> None:
         if not models:
             raise CheckpointError("a Segmenter needs at least one model folder.")
@@ -328,6 +331,13 @@ class Segmenter:
         self.batch_size = int(batch_size)
         self.postprocess = parse_postprocess(postprocess)
         self.skip_empty_windows = bool(skip_empty_windows)
+        from medseg.inference.backends import prepare_network
+
+        #: what the sliding window runs, one per model (the network itself for ``torch``)
+        self.networks = [
+            prepare_network(m.model, m.plan, backend, device=device, batch_size=self.batch_size) for m in self.models
+        ]
+        self.backend = getattr(self.networks[0], "backend", "torch")
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -343,6 +353,7 @@ class Segmenter:
         postprocess: str | None = None,
         skip_empty_windows: bool | None = None,
         build_model: ModelBuilder | None = None,
+        backend: str = "auto",
     ) -> Segmenter:
         """Load a model folder, fold folder or run folder (all its folds form an ensemble).
 
@@ -355,10 +366,14 @@ class Segmenter:
             overlap, batch_size, postprocess, skip_empty_windows: override the model's defaults.
             build_model: custom ``(name, plan, options) -> nn.Module`` for networks
                 outside the registry.
+            backend: ``auto`` (default: OpenVINO on the CPU when installed and it reproduces
+                PyTorch, else PyTorch), ``torch``, ``channels-last``, ``compile``,
+                ``onnxruntime`` or ``openvino`` (``medseg.inference.backends``).
 
         Raises:
             CheckpointError: no model there, corrupt weights, folds with different plans.
-            ConfigError: invalid settings or an unavailable device.
+            ConfigError: invalid settings, an unavailable device, or a backend that is not
+                installed or does not reproduce PyTorch.
         """
         from medseg.model_folder import find_model_dirs, load_model_folder
 
@@ -381,6 +396,7 @@ class Segmenter:
             batch_size=defaults.batch_size if batch_size is None else batch_size,
             postprocess=defaults.postprocess if postprocess is None else postprocess,
             skip_empty_windows=defaults.skip_empty_windows if skip_empty_windows is None else skip_empty_windows,
+            backend=backend,
         )
 
     @property
@@ -400,6 +416,7 @@ class Segmenter:
             "batch_size": self.batch_size,
             "postprocess": str(self.postprocess),
             "skip_empty_windows": self.skip_empty_windows,
+            "backend": self.backend,
             "folds": [m.fold for m in self.models],
             "ensemble": "mean of softmax probabilities" if len(self.models) > 1 else "single model",
         }
@@ -555,9 +572,9 @@ class Segmenter:
         ensemble = len(self.models) > 1
         scores = (torch.zeros if ensemble else torch.empty)((k, *shape), dtype=dtype)
         t0 = time.perf_counter()
-        for model in self.models:
+        for network in self.networks:
             for start, stop, slab in iter_logit_slabs(
-                model.model,
+                network,
                 image,
                 plan,
                 overlap=self.overlap,
