@@ -148,7 +148,7 @@ def prepare_network(
         plan: its plan (window shape ``(plan.in_channels, *plan.patch_size)``).
         backend: one of :data:`BACKENDS`.
         device: where the network runs; backends other than ``torch`` need the CPU.
-        batch_size: windows per forward pass (the batch size of the check).
+        batch_size: windows per forward pass (``compile`` compiles for this batch size).
 
     Returns:
         ``network`` itself for ``torch``, else a :class:`BackendNetwork`.
@@ -219,7 +219,8 @@ def _build_checked(network: nn.Module, plan: Plan, name: str, batch_size: int) -
     import torch
 
     t0 = time.perf_counter()
-    x = check_input(plan, batch_size)
+    # the check costs one eager forward pass: one window, except for compile's one compiled batch shape
+    x = check_input(plan, batch_size if name == "compile" else 1)
     try:
         with warnings.catch_warnings():  # the runtimes' own deprecation notices are not the user's concern
             warnings.simplefilter("ignore", DeprecationWarning)
