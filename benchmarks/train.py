@@ -1,10 +1,12 @@
-"""Benchmark (not a test): medseg's training loop vs a MONAI tutorial-style loop, same network and patches.
+"""Benchmark (not a test): medseg's training loop vs the plain-loop floor and a MONAI tutorial-style loop.
 
 Run::
 
     .venv/bin/python benchmarks/train.py                      # default 3D config, 10 timed steps each
+    .venv/bin/python benchmarks/train.py --set data.spatial_dims=2     # the 2D (2.5D) plan of the same CT
     .venv/bin/python benchmarks/train.py --iterations 30 --workers 4
     .venv/bin/python benchmarks/train.py --set data.patch_size=[64,64,32]
+    .venv/bin/python benchmarks/train.py --arms medseg,plain,plain-channels-last,plain-compile
 
 Data: the real abdominal CT in ``../shared/data/ct_organs`` (122 x 101 x 30 at 3 mm) with seven
 organs kept from its TotalSegmentator labels (spleen, kidneys, liver, stomach, pancreas, colon;
@@ -28,7 +30,17 @@ share this machine's CPU.
   90-degree rotations and intensity shifts; the same step (forward, loss, backward, clip,
   SGD) timed the same way.
 
-Printed: iterations/s, patches/s, data-wait share, peak RSS, and medseg / reference ratios.
+* **plain loop** (the floor): the same network, loss, optimizer and step (forward, loss,
+  backward, clip, SGD) on ``--iterations`` batches of the plan's shape made in memory
+  before the loop (image ~ N(0, 1), labels uniform over the classes: dense convolutions cost
+  the same whatever the values), so nothing but the step is timed. medseg's share of time
+  outside the network is ``1 - plain / medseg`` seconds per step.
+* **plain-channels-last**, **plain-compile**: the plain loop with ``channels_last(_3d)``
+  memory format, or with ``torch.compile`` (inductor; its compile time is reported apart,
+  in the warm-up steps). Their losses are compared step by step with the plain loop's
+  (same initial weights, same batches): the largest relative difference is printed.
+
+Printed: iterations/s, patches/s, data-wait share, peak RSS, and the ratios to medseg.
 """
 
 from __future__ import annotations
@@ -217,6 +229,65 @@ def worker_monai(args: argparse.Namespace) -> dict:
     }
 
 
+PLAIN_VARIANTS = {"plain": "eager", "plain-channels-last": "channels_last", "plain-compile": "compile"}
+
+
+def worker_plain(args: argparse.Namespace) -> dict:
+    """The floor: medseg's network, loss and optimizer stepping over batches made in memory beforehand."""
+    import torch
+
+    from medseg.config import load_config
+    from medseg.data.plan import load_plan
+    from medseg.losses import build_loss
+    from medseg.models import create_model_from_plan
+
+    variant = PLAIN_VARIANTS[args.worker]
+    work = Path(args.work)
+    cfg = load_config(args.config, _overrides(args))
+    plan = load_plan(work / "plan.json")
+    torch.set_num_threads(cfg.train.num_threads or os.cpu_count() or 1)
+    steps = args.iterations
+    gen = torch.Generator().manual_seed(1)
+    shape = (plan.batch_size, plan.in_channels, *plan.patch_size)
+    batches = [
+        (torch.randn(shape, generator=gen),
+         torch.randint(0, plan.num_classes, (plan.batch_size, 1, *plan.patch_size), generator=gen))
+        for _ in range(steps)
+    ]
+    torch.manual_seed(0)
+    model = create_model_from_plan(cfg.model.name, plan, **cfg.model.options, deep_supervision=cfg.model.deep_supervision)
+    loss_fn = build_loss(cfg.loss, plan)
+    t = cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum,
+                                weight_decay=t.weight_decay, nesterov=True)
+    fmt = None
+    if variant == "channels_last":
+        fmt = torch.channels_last_3d if len(plan.patch_size) == 3 else torch.channels_last
+        model = model.to(memory_format=fmt)
+        batches = [(x.contiguous(memory_format=fmt), y) for x, y in batches]
+    network = torch.compile(model) if variant == "compile" else model
+    model.train()
+    losses = []
+    warmup_s = 0.0
+    start = time.perf_counter()
+    for step in range(2 * steps):  # the batches twice: warm-up (and compilation), then timed
+        if step == steps:
+            warmup_s = time.perf_counter() - start
+            start = time.perf_counter()
+        x, y = batches[step % steps]
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(network(x), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        losses.append(float(loss))
+    wall = time.perf_counter() - start
+    return {
+        "steps": steps, "batch": plan.batch_size, "patch": list(plan.patch_size), "data_s": 0.0,
+        "compute_s": wall, "wall_s": wall, "warmup_s": warmup_s, "peak_rss_mb": _peak_rss_mb(), "losses": losses,
+    }
+
+
 def _run_worker(kind: str, argv: list[str]) -> dict:
     out = subprocess.run([sys.executable, __file__, "--worker", kind, *argv], capture_output=True, text=True,
                          check=False)
@@ -233,7 +304,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=2, help="alternating runs of each loop (best one kept)")
     parser.add_argument("--work", default="/tmp/medseg_bench_train")
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for both loops")
-    parser.add_argument("--worker", choices=["medseg", "monai"], help=argparse.SUPPRESS)
+    parser.add_argument("--arms", default="medseg,plain,monai,plain-channels-last,plain-compile",
+                        help="loops to run (medseg always runs: it writes the plan)")
+    parser.add_argument("--worker", choices=["medseg", "monai", *PLAIN_VARIANTS], help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workers is None:
@@ -241,7 +314,12 @@ def main() -> int:
 
         args.workers = default_num_workers()
     if args.worker:
-        result = worker_medseg(args) if args.worker == "medseg" else worker_monai(args)
+        if args.worker == "medseg":
+            result = worker_medseg(args)
+        elif args.worker == "monai":
+            result = worker_monai(args)
+        else:
+            result = worker_plain(args)
         print(json.dumps(result))
         return 0
     work = Path(args.work)
@@ -252,10 +330,13 @@ def main() -> int:
     argv = ["--config", args.config, "--iterations", str(args.iterations), "--workers", str(args.workers),
             "--work", str(work), "--set", *args.set]
     load_before = f"{os.getloadavg()[0]:.1f}"
-    runs: dict[str, list[dict]] = {"medseg": [], "monai": []}
+    arms = ["medseg", *[a for a in args.arms.split(",") if a and a != "medseg"]]
+    runs: dict[str, list[dict]] = {arm: [] for arm in arms}
     for k in range(args.rounds):  # alternate, keep each loop's best round: other jobs share this CPU
-        runs["medseg"].append(_run_worker("medseg", [*argv, "--round", str(k)]))  # first: it writes the plan
-        runs["monai"].append(_run_worker("monai", [*argv, "--round", str(k)]))
+        for arm in (arms if k % 2 == 0 else arms[::-1]):  # medseg first in the first round: it writes the plan
+            runs[arm].append(_run_worker(arm, [*argv, "--round", str(k)]))
+            print(f"round {k + 1}: {arm} {runs[arm][-1]['wall_s'] / args.iterations:.2f} s/step "
+                  f"(load {os.getloadavg()[0]:.1f})", flush=True)
     results = {name: min(rs, key=lambda r: r["wall_s"]) for name, rs in runs.items()}
     import torch
 
@@ -263,17 +344,32 @@ def main() -> int:
           f"patch {results['medseg']['patch']} x batch {results['medseg']['batch']}, {args.iterations} timed steps")
     print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.1f} (other jobs share this CPU); "
           f"best of {args.rounds} alternating rounds")
-    print(f"{'loop':<16}{'it/s':>8}{'patches/s':>11}{'data wait':>11}{'step compute':>14}{'peak RSS':>11}")
+    labels = {"medseg": "medseg", "monai": "MONAI tutorial", "plain": "plain loop", **{
+        a: a for a in PLAIN_VARIANTS if a != "plain"}}
+    print("| loop | s/step | patches/s | data wait | step compute s | peak RSS MB | x medseg speed | "
+          "max rel. loss diff vs plain | warm-up s |")
+    print("|---|---|---|---|---|---|---|---|---|")
     rate = {}
+    medseg_step = results["medseg"]["wall_s"] / results["medseg"]["steps"]
+    plain_losses = results.get("plain", {}).get("losses")
     for name, r in results.items():
         its = r["steps"] / r["wall_s"]
         rate[name] = its * r["batch"]
         wait = r["data_s"] / max(r["data_s"] + r["compute_s"], 1e-9)
-        label = "medseg" if name == "medseg" else "MONAI tutorial"
         step = r["compute_s"] / r["steps"]
-        print(f"{label:<16}{its:>8.3f}{rate[name]:>11.3f}{100 * wait:>10.1f}%{step:>12.2f} s{r['peak_rss_mb']:>8.0f} MB")
-    print(f"medseg / MONAI patches/s: {rate['medseg'] / rate['monai']:.2f}x  "
-          f"(peak RSS {results['medseg']['peak_rss_mb'] / results['monai']['peak_rss_mb']:.2f}x)")
+        diff = "-"
+        if plain_losses and "losses" in r and name != "plain":
+            diff = f"{max(abs(a - b) / abs(b) for a, b in zip(r['losses'], plain_losses)):.1e}"
+        warm = f"{r['warmup_s']:.1f}" if "warmup_s" in r else "-"
+        print(f"| {labels[name]} | {1 / its:.2f} | {rate[name]:.3f} | {100 * wait:.1f}% | {step:.2f} | "
+              f"{r['peak_rss_mb']:.0f} | {medseg_step * its:.2f} | {diff} | {warm} |")
+    if "plain" in results:
+        plain_step = results["plain"]["wall_s"] / results["plain"]["steps"]
+        print(f"medseg outside the network: {100 * (1 - plain_step / medseg_step):.1f}% of its step time "
+              f"(medseg {medseg_step:.2f} s/step vs plain loop {plain_step:.2f} s/step); target < 5%")
+    if "monai" in results:
+        print(f"medseg / MONAI patches/s: {rate['medseg'] / rate['monai']:.2f}x  "
+              f"(peak RSS {results['medseg']['peak_rss_mb'] / results['monai']['peak_rss_mb']:.2f}x)")
     return 0
 
 
