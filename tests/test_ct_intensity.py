@@ -7,7 +7,7 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from medseg.config import AugmentConfig, Config, DataConfig
+from medseg.config import AugmentConfig, DataConfig
 from medseg.data.fingerprint import Fingerprint
 from medseg.data.plan import ChannelNorm, Plan, ct_clip_rule, load_plan, make_plan, save_plan
 from medseg.data.preprocess import normalize
@@ -55,7 +55,7 @@ def test_contrast_robust_window_reaches_past_enhanced_organs_when_training_scans
 
 def test_foreground_percentile_window_is_nnunets_and_stays_selectable():
     fp = _fingerprint(_non_contrast_foreground())
-    norm = make_plan(fp, Config(data=DataConfig(ct_clip="foreground_percentiles"))).normalization[0]
+    norm = make_plan(fp, DataConfig(ct_clip="foreground_percentiles")).normalization[0]
     assert norm.clip_rule == "foreground_percentiles"
     assert norm.clip == pytest.approx((fp.intensity[0]["p00_5"], fp.intensity[0]["p99_5"]))
 
@@ -74,7 +74,7 @@ def test_enhanced_spleen_stays_apart_from_liver_only_with_the_contrast_robust_wi
     # portal-venous phase: liver ~110 HU, spleen ~130 HU; arterial aorta ~350 HU
     scan = np.array([110.0, 130.0, 350.0], dtype=np.float32).reshape(1, 3, 1, 1)
     robust, _ = normalize(scan, make_plan(fp).normalization)
-    nnunet, _ = normalize(scan, make_plan(fp, Config(data=DataConfig(ct_clip="foreground_percentiles"))).normalization)
+    nnunet, _ = normalize(scan, make_plan(fp, DataConfig(ct_clip="foreground_percentiles")).normalization)
     assert len(set(np.round(nnunet.ravel(), 5))) == 1  # all saturate at the 78 HU clip
     assert np.all(np.diff(robust.ravel()) > 0)
 
@@ -82,7 +82,7 @@ def test_enhanced_spleen_stays_apart_from_liver_only_with_the_contrast_robust_wi
 def test_contrast_robust_keeps_nnunets_soft_tissue_contrast_inside_the_knee_and_compresses_outside():
     fp = _fingerprint(_non_contrast_foreground())
     robust = make_plan(fp).normalization[0]
-    nnunet = make_plan(fp, Config(data=DataConfig(ct_clip="foreground_percentiles"))).normalization[0]
+    nnunet = make_plan(fp, DataConfig(ct_clip="foreground_percentiles")).normalization[0]
     assert robust.knee == pytest.approx(nnunet.clip)
     soft = np.linspace(robust.knee[0] + 1, robust.knee[1] - 1, 50, dtype=np.float32)  # inside the percentile window
     assert np.allclose(robust.hu_to_units(soft), nnunet.hu_to_units(soft), atol=1e-5)
@@ -115,7 +115,7 @@ def test_window_rule_is_recorded_in_plan_json(tmp_path):
 def test_mr_plan_still_zscores_per_image_whatever_the_ct_clip():
     fp = _fingerprint(_non_contrast_foreground(), channels=("T1", "T2"))
     for rule in ("contrast_robust", "foreground_percentiles"):
-        plan = make_plan(fp, Config(data=DataConfig(ct_clip=rule)))
+        plan = make_plan(fp, DataConfig(ct_clip=rule))
         assert [(n.scheme, n.clip, n.clip_rule) for n in plan.normalization] == [("zscore", None, None)] * 2
 
 

@@ -14,7 +14,6 @@ from medseg.data import (
     build_train_loader,
     compute_fingerprint,
     load_splits,
-    make_plan,
     make_splits,
     save_splits,
     scan_dataset,
@@ -23,6 +22,7 @@ from medseg.data.folders import Case
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.data.transforms import RandBalancedPatchd, build_train_transforms
 from medseg.errors import DatasetError
+from medseg.training.run import plan_from_config
 
 
 def _two_organ_case():
@@ -130,7 +130,7 @@ def prepared(tmp_path_factory):
     root = write_synthetic_dataset(tmp / "ds", layout="msd", num_cases=5, kind="mr", channels=1, shape=(28, 28, 16))
     index = scan_dataset(root)
     config = Config(train=TrainConfig(iterations_per_epoch=3, seed=11), data=DataConfig(num_folds=5))
-    plan = make_plan(compute_fingerprint(index), config)
+    plan = plan_from_config(compute_fingerprint(index), config)
     return tmp, index, config, plan
 
 
@@ -173,7 +173,9 @@ def test_cache_inside_the_dataset_is_refused(prepared):
 def test_loader_is_reproducible_across_workers_and_resumes_exactly(prepared, tmp_path):
     _, index, config, plan = prepared
     cache = PreprocessedCache(tmp_path / "cache", plan, dataset_root=index.root)
-    loader = build_train_loader(index, plan, config, cache=cache, fold=0, num_workers=0)
+    loader = build_train_loader(index, plan, cache=cache, data=config.data, augmentation=config.augment, fold=0,
+                                 seed=config.train.seed, iterations_per_epoch=config.train.iterations_per_epoch,
+                                 num_workers=0)
     epoch0 = list(loader)
     epoch1 = list(loader)  # the epoch counter moved on
     assert len(epoch0) == 3 and loader.batch_sampler.state_dict()["epoch"] == 2
@@ -184,7 +186,9 @@ def test_loader_is_reproducible_across_workers_and_resumes_exactly(prepared, tmp
     assert not val_ids & {cid for b in epoch0 + epoch1 for cid in b["case_id"]}
     assert not torch.equal(epoch0[0]["image"], epoch1[0]["image"])
 
-    resumed = build_train_loader(index, plan, config, cache=cache, fold=0, num_workers=1)
+    resumed = build_train_loader(index, plan, cache=cache, data=config.data, augmentation=config.augment, fold=0,
+                                 seed=config.train.seed, iterations_per_epoch=config.train.iterations_per_epoch,
+                                 num_workers=1)
     resumed.batch_sampler.load_state_dict({"epoch": 1, "offset": 1, "batch_size": plan.batch_size})
     tail = list(resumed)
     assert len(tail) == 2

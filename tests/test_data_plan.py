@@ -14,6 +14,7 @@ from medseg.data import compute_fingerprint, scan_dataset
 from medseg.data.fingerprint import Fingerprint
 from medseg.data.plan import Plan, load_plan, make_plan, save_plan, target_spacing_rule
 from medseg.errors import ConfigError, DatasetError
+from medseg.training.run import plan_from_config
 
 
 def _save(array, affine, path):
@@ -104,13 +105,13 @@ def test_ct_uses_dataset_foreground_statistics_and_mr_per_image_zscore():
     assert (norm.scheme, norm.clip, norm.mean, norm.std) == ("ct", (-200.0, 500.0), 60.0, 20.0)
     assert norm.clip_rule == "contrast_robust"
     nnunet = make_plan(_fp(spacings=[[1, 1, 1]] * 3, shapes=[[64, 64, 64]] * 3),
-                       Config(data=DataConfig(ct_clip="foreground_percentiles"))).normalization[0]
+                       DataConfig(ct_clip="foreground_percentiles")).normalization[0]
     assert (nnunet.clip, nnunet.clip_rule) == ((-50.0, 250.0), "foreground_percentiles")
     mr = make_plan(_fp(spacings=[[1, 1, 1]] * 3, shapes=[[64, 64, 64]] * 3, channels=("T2", "ADC"),
                        cropped=[[40, 40, 40]] * 3))
     assert [n.scheme for n in mr.normalization] == ["zscore", "zscore"]
     assert all(n.use_nonzero_mask for n in mr.normalization)  # crop kept 24 % < 75 %
-    forced = make_plan(_fp(spacings=[[1, 1, 1]], shapes=[[64, 64, 64]]), Config(data=DataConfig(normalization="zscore")))
+    forced = make_plan(_fp(spacings=[[1, 1, 1]], shapes=[[64, 64, 64]]), DataConfig(normalization="zscore"))
     assert forced.normalization[0].scheme == "zscore" and not forced.normalization[0].use_nonzero_mask
 
 
@@ -119,7 +120,7 @@ def test_3d_data_plans_3d_and_2d_on_request_slices_the_thick_axis():
     plan3 = make_plan(fp)
     assert plan3.spatial_dims == 3 and plan3.slice_axis is None and len(plan3.patch_size) == 3
     assert plan3.kernel_sizes[0][2] == 1  # thick axis: in-plane kernels first
-    plan2 = make_plan(fp, Config(data=DataConfig(spatial_dims=2, slice_context=2)))
+    plan2 = make_plan(fp, DataConfig(spatial_dims=2, slice_context=2))
     assert plan2.spatial_dims == 2 and plan2.data_dims == 3 and plan2.slice_axis == 2
     assert len(plan2.patch_size) == 2 and plan2.in_channels == 5
     assert all(p % math.prod(s[a] for s in plan2.strides) == 0 for a, p in enumerate(plan2.patch_size))
@@ -129,7 +130,7 @@ def test_2d_data_plans_2d_and_refuses_3d():
     fp = _fp(spacings=[[0.5, 0.5]] * 2, shapes=[[300, 200]] * 2, data_dims=2)
     assert make_plan(fp).spatial_dims == 2
     with pytest.raises(ConfigError, match="spatial_dims=3 but the dataset holds 2D images"):
-        make_plan(fp, Config(data=DataConfig(spatial_dims=3)))
+        make_plan(fp, DataConfig(spatial_dims=3))
 
 
 def test_cpu_budget_gives_a_small_patch_and_cuda_a_large_one():
@@ -158,14 +159,14 @@ def test_any_field_can_be_pinned_by_the_config():
                         foreground_oversample=0.5, class_sampling="uniform", crop_to_nonzero=False),
         loss=LossConfig(class_weights=[0.5, 1.0, 2.0]),
     )
-    plan = make_plan(fp, cfg)
+    plan = plan_from_config(fp, cfg)
     assert plan.target_spacing == [2.0, 2.0, 2.0] and plan.patch_size == [48, 40, 36] and plan.batch_size == 3
     assert plan.class_weights == [0.5, 1.0, 2.0] and not plan.crop_to_nonzero
     assert plan.class_sampling_ratios == pytest.approx([0.5, 0.25, 0.25])
     factors = [math.prod(s[a] for s in plan.strides) for a in range(3)]
     assert all(p % f == 0 for p, f in zip(plan.patch_size, factors))
     with pytest.raises(ConfigError, match=r"loss.class_weights has 2 entries but the dataset has 3 classes"):
-        make_plan(fp, Config(loss=LossConfig(class_weights=[1.0, 2.0])))
+        plan_from_config(fp, Config(loss=LossConfig(class_weights=[1.0, 2.0])))
 
 
 def test_default_sampling_centres_each_present_class_equally():
@@ -175,7 +176,7 @@ def test_default_sampling_centres_each_present_class_equally():
 
 def test_balanced_sampling_favours_the_rare_class_and_weights_too():
     plan = make_plan(_fp(spacings=[[1, 1, 1]] * 2, shapes=[[64, 64, 64]] * 2),
-                     Config(data=DataConfig(class_sampling="balanced")))
+                     DataConfig(class_sampling="balanced"))
     ratios = plan.class_sampling_ratios
     assert sum(ratios) == pytest.approx(1.0) and ratios[0] == pytest.approx(0.67)
     assert ratios[2] > ratios[1]  # 600-voxel pancreas centred more often than the 40,000-voxel liver
@@ -224,7 +225,7 @@ def test_ignore_label_is_no_class_in_the_plan(tmp_path, declare_ignore):
     fp = compute_fingerprint(index, ignore_label=255)
     assert fp.intensity[0]["max"] == 50.0  # the unlabeled voxels (900) were not sampled as foreground
     config = Config(loss=LossConfig(ignore_label=255))
-    plan = make_plan(fp, config)
+    plan = plan_from_config(fp, config)
     assert plan.label_values == [0, 1] and plan.label_names == ["bg", "organ"] and plan.num_classes == 2
     assert plan.ignore_label == 255 and len(plan.class_weights) == 2 and len(plan.class_sampling_ratios) == 2
     assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
@@ -241,4 +242,4 @@ def test_background_cannot_be_the_ignore_label():
         config_from_dict({"loss": {"ignore_label": 0}})
     fp = _fp(spacings=[[1.0, 1.0, 1.0]], shapes=[[64, 64, 64]])
     with pytest.raises(ConfigError, match=r"loss.ignore_label is 0, the background value"):
-        make_plan(fp, Config(loss=LossConfig(ignore_label=0)))  # built directly: make_plan checks it too
+        plan_from_config(fp, Config(loss=LossConfig(ignore_label=0)))  # built directly: make_plan checks it too

@@ -28,10 +28,11 @@ from medseg.config import load_config
 from medseg.data.cache import PreprocessedCache
 from medseg.data.fingerprint import compute_fingerprint
 from medseg.data.folders import scan_dataset
-from medseg.data.plan import load_plan, make_plan, save_plan
+from medseg.data.plan import load_plan, save_plan
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import CheckpointError, ConfigError, DatasetError
 from medseg.model_folder import load_model_folder, read_model_json
+from medseg.training.run import plan_from_config
 
 # ---------------------------------------------------------------------------------------- checkpoints
 
@@ -216,7 +217,7 @@ def dataset(tmp_path_factory):
         tmp_path_factory.mktemp("data") / "Phantoms", num_cases=4, kind="ct", seed=5, shape=(24, 24, 16)
     )
     index = scan_dataset(root)
-    return root, index, make_plan(compute_fingerprint(index), load_config(None))
+    return root, index, plan_from_config(compute_fingerprint(index), load_config(None))
 
 
 def _prepared(tmp_path, dataset) -> tuple[PreprocessedCache, object]:

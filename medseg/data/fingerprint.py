@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from medseg.data.folders import DatasetIndex, read_case
+from medseg.data.plan import modality_of
 from medseg.data.preprocess import nonzero_bbox, orientation_transform, reorient
 from medseg.errors import ConfigError, DatasetError, GeometryError, ScanReadError
 from medseg.records import check_record, field_problems
@@ -31,22 +31,6 @@ SAMPLES_PER_CASE = 100_000
 SAMPLING_SEED = 1234
 
 _log = logging.getLogger(__name__)
-
-_MR_NAMES = {
-    "mr", "mri", "t1", "t1w", "t2", "t2w", "flair", "t1gd", "t1ce", "t1c", "adc", "dwi", "pd", "pdw", "swi",
-    "bold", "dce", "hbv", "t2star", "t2*", "cine", "lge",
-}
-
-
-def modality_of(channel_names: list[str]) -> str:
-    """``"CT"`` if any channel is named CT, ``"MR"`` for MR sequence names, else ``"other"``."""
-    tokens = [set(re.split(r"[^a-z0-9*]+", n.lower())) | {n.strip().lower()} for n in channel_names]
-    if any("ct" in t for t in tokens):
-        return "CT"
-    if any(t & _MR_NAMES for t in tokens):
-        return "MR"
-    return "other"
-
 
 @dataclass(frozen=True, kw_only=True)
 class Fingerprint:

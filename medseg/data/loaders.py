@@ -10,7 +10,7 @@ all a checkpoint needs to resume bitwise-exactly.
 
 Example::
 
-    loader = build_train_loader(index, plan, config, cache=cache, fold=0)
+    loader = build_train_loader(index, plan, cache=cache, data=cfg.data, augmentation=cfg.augment, fold=0)
     for epoch in range(start_epoch, max_epochs):
         loader.batch_sampler.set_epoch(epoch)
         for batch in loader:          # iterations_per_epoch batches
@@ -35,6 +35,7 @@ from medseg.data.folders import Case, DatasetIndex
 from medseg.data.plan import Plan
 from medseg.data.splits import load_splits, make_splits, select_split
 from medseg.errors import DatasetError
+from medseg.settings import AugmentConfig, DataConfig, TrainConfig
 
 __all__ = ["PatchBatchSampler", "PatchDataset", "build_train_loader", "default_num_workers", "seed_worker"]
 
@@ -172,11 +173,10 @@ def _collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _train_ids(index_or_cases: DatasetIndex | Sequence[Case], config: Any, split: dict | None,
+def _train_ids(index_or_cases: DatasetIndex | Sequence[Case], data: DataConfig, split: dict | None,
                fold: int | str | None) -> tuple[list[Case], list[str]]:
     cases = list(index_or_cases.cases if isinstance(index_or_cases, DatasetIndex) else index_or_cases)
     if split is None and fold is not None:
-        data = config.data
         if data.splits_file:
             splits = load_splits(data.splits_file, case_ids=[c.case_id for c in cases])
         else:
@@ -194,9 +194,10 @@ def _train_ids(index_or_cases: DatasetIndex | Sequence[Case], config: Any, split
 def build_train_loader(
     index_or_cases: DatasetIndex | Sequence[Case],
     plan: Plan,
-    config: Any = None,
     *,
     cache: PreprocessedCache,
+    data: DataConfig | None = None,
+    augmentation: AugmentConfig | None = None,
     split: dict[str, list[str]] | None = None,
     fold: int | str | None = None,
     seed: int | None = None,
@@ -209,36 +210,36 @@ def build_train_loader(
     Args:
         index_or_cases: the dataset (or a list of cases).
         plan: the plan (patch and batch size, sampling ratios).
-        config: :class:`medseg.config.Config` (augmentation, folds, seed, workers); ``None``: defaults.
         cache: where preprocessed cases live; missing ones are preprocessed now.
+        data: the ``data`` settings (folds, split seed, splits file, workers); ``None``: defaults.
+        augmentation: the ``augment`` settings; ``None``: defaults.
         split: ``{"train": [...], ...}``: train on these case ids. Overrides ``fold``.
-        fold: fold index or ``'all'``: the split comes from ``config.data.splits_file``
-            or :func:`make_splits` with the config's folds and split seed.
+        fold: fold index or ``'all'``: the split comes from ``data.splits_file``
+            or :func:`make_splits` with ``data``'s folds and split seed.
             Neither split nor fold: all cases.
-        seed: base seed of the patches (default: ``config.train.seed``).
-        num_workers: worker processes (default: ``config.data.num_workers``,
+        seed: base seed of the patches (default: ``train.seed``'s default).
+        num_workers: worker processes (default: ``data.num_workers``,
             else :func:`default_num_workers`).
         iterations_per_epoch: batches per epoch; ``-1`` (default):
-            ``config.train.iterations_per_epoch``; ``None``: infinite.
+            ``train.iterations_per_epoch``'s default; ``None``: infinite.
         augment: ``False`` samples patches without augmentation.
 
     Returns:
         The loader; ``loader.batch_sampler`` is the :class:`PatchBatchSampler`
         (``set_epoch``, ``state_dict``, ``load_state_dict``).
     """
-    from medseg.config import Config
     from medseg.data.transforms import build_train_transforms, build_val_transforms
 
-    config = config if config is not None else Config()
-    cases, ids = _train_ids(index_or_cases, config, split, fold)
+    data = data if data is not None else DataConfig()
+    cases, ids = _train_ids(index_or_cases, data, split, fold)
     cache.prepare(cases)
-    transform = build_train_transforms(plan, config.augment) if augment else build_val_transforms(plan)
-    seed = int(config.train.seed if seed is None else seed)
+    transform = build_train_transforms(plan, augmentation) if augment else build_val_transforms(plan)
+    seed = int(TrainConfig().seed if seed is None else seed)
     dataset = PatchDataset(cache, ids, transform, seed=seed)
     if iterations_per_epoch == -1:
-        iterations_per_epoch = int(config.train.iterations_per_epoch)
+        iterations_per_epoch = int(TrainConfig().iterations_per_epoch)
     sampler = PatchBatchSampler(plan.batch_size, iterations_per_epoch=iterations_per_epoch)
-    workers = num_workers if num_workers is not None else config.data.num_workers
+    workers = num_workers if num_workers is not None else data.num_workers
     workers = default_num_workers() if workers is None else int(workers)
     generator = torch.Generator()
     generator.manual_seed(seed)

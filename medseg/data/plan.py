@@ -15,17 +15,22 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from medseg.errors import ConfigError
 from medseg.records import check_record, field_problems
+from medseg.settings import DataConfig
 from medseg.spatial import ANISOTROPY_THRESHOLD, thick_axis
 from medseg.topology import fit_patch_to_topology, unet_topology
+
+if TYPE_CHECKING:
+    from medseg.data.fingerprint import Fingerprint
 
 PLAN_FORMAT_VERSION = 1
 
@@ -38,8 +43,25 @@ __all__ = [
     "ct_shoulder_rule",
     "load_plan",
     "make_plan",
+    "modality_of",
     "save_plan",
 ]
+
+
+_MR_NAMES = {
+    "mr", "mri", "t1", "t1w", "t2", "t2w", "flair", "t1gd", "t1ce", "t1c", "adc", "dwi", "pd", "pdw", "swi",
+    "bold", "dce", "hbv", "t2star", "t2*", "cine", "lge",
+}
+
+
+def modality_of(channel_names: list[str]) -> str:
+    """``"CT"`` if any channel is named CT, ``"MR"`` for MR sequence names, else ``"other"``."""
+    tokens = [set(re.split(r"[^a-z0-9*]+", n.lower())) | {n.strip().lower()} for n in channel_names]
+    if any("ct" in t for t in tokens):
+        return "CT"
+    if any(t & _MR_NAMES for t in tokens):
+        return "MR"
+    return "other"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -492,15 +514,24 @@ def ct_clip_rule(p00_5: float, p99_5: float, *, rule: str) -> tuple[float, float
     raise ConfigError(f"data.ct_clip must be 'contrast_robust' or 'foreground_percentiles', got {rule!r}.")
 
 
-def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu") -> Plan:
+def make_plan(
+    fingerprint: Fingerprint,
+    data: DataConfig | None = None,
+    *,
+    class_weights: Sequence[float] | None = None,
+    ignore_label: int | None = None,
+    device_type: str = "cpu",
+) -> Plan:
     """Derive the plan from a dataset fingerprint (nnU-Net's rules; docs/plan.md).
 
     Args:
         fingerprint: :class:`medseg.data.fingerprint.Fingerprint`.
-        config: :class:`medseg.config.Config`; any non-null ``data`` field
-            (spatial_dims, target_spacing, patch_size, batch_size,
-            normalization, ...) and a list in ``loss.class_weights`` pin the
+        data: the ``data`` settings; any non-null field (spatial_dims,
+            target_spacing, patch_size, batch_size, normalization, ...) pins the
             matching plan field. ``None``: defaults.
+        class_weights: pinned cross-entropy weights, one per class (``loss.class_weights``
+            given as a list); ``None``: :func:`class_weights_from_frequencies`.
+        ignore_label: the label value marking unlabeled voxels (``loss.ignore_label``).
         device_type: ``"cpu"``, ``"cuda"`` or ``"mps"``: picks the default
             memory budget when ``data.memory_budget_gb`` is null (8 GB on
             CUDA, 1 GB otherwise).
@@ -516,10 +547,7 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
 
     import numpy as np
 
-    from medseg.config import Config
-
-    config = config if config is not None else Config()
-    data = config.data
+    data = data if data is not None else DataConfig()
     fp = fingerprint
     data_dims = int(fp.data_dims)
     # --- target spacing
@@ -554,8 +582,6 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
     for c, name in enumerate(fp.channel_names):
         scheme = data.normalization
         if scheme == "auto":
-            from medseg.data.fingerprint import modality_of
-
             scheme = "ct" if modality_of([name]) == "CT" else "zscore"
         stats = fp.intensity[c] if c < len(fp.intensity) else {}
         if scheme == "ct" and not stats:
@@ -579,7 +605,6 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
         else:
             normalization.append(ChannelNorm(scheme="none"))
     # --- classes (the ignore label is none; a fingerprint lists it when dataset.json declares it)
-    ignore_label = config.loss.ignore_label
     if ignore_label == 0:
         raise ConfigError(
             "loss.ignore_label is 0, the background value; mark unlabeled voxels with a value that is no class "
@@ -615,8 +640,8 @@ def make_plan(fingerprint: Any, config: Any = None, *, device_type: str = "cpu")
     if data.batch_size is not None:
         batch = int(data.batch_size)
     # --- class weights and sampling
-    if isinstance(config.loss.class_weights, list):
-        weights = [float(w) for w in config.loss.class_weights]
+    if class_weights is not None:
+        weights = [float(w) for w in class_weights]
         if len(weights) != num_classes:
             raise ConfigError(
                 f"loss.class_weights has {len(weights)} entries but the dataset has {num_classes} classes "

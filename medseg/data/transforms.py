@@ -55,6 +55,7 @@ from monai.transforms import (
 )
 
 from medseg.data.plan import ChannelNorm, Plan
+from medseg.settings import AugmentConfig
 from medseg.spatial import thick_axis
 
 __all__ = [
@@ -381,18 +382,16 @@ def _sampler(plan: Plan) -> RandBalancedPatchd:
     )
 
 
-def build_train_transforms(plan: Plan, augment_config: Any = None) -> Compose:
+def build_train_transforms(plan: Plan, augment_config: AugmentConfig | None = None) -> Compose:
     """Patch sampling, augmentation and tensor conversion for training.
 
     Args:
         plan: patch size, sampling ratios, dimensionality.
-        augment_config: :class:`medseg.config.AugmentConfig` (``None``: defaults).
+        augment_config: the ``augment`` settings (``None``: defaults).
 
     Returns:
         A MONAI ``Compose``; call ``set_random_state(seed=...)`` for reproducible draws.
     """
-    from medseg.config import AugmentConfig
-
     a = augment_config if augment_config is not None else AugmentConfig()
     n = plan.spatial_dims
     steps: list[Any] = [_sampler(plan)]

@@ -426,7 +426,7 @@ class Segmenter:
         if isinstance(scan, Volume):
             return scan
         if isinstance(scan, list):  # one scan (path or Volume) per channel
-            from medseg.inference.jobs import read_channels
+            from medseg.io.channels import read_channels
 
             return read_channels(scan, series_uid=series_uid, resample_tilt=resample_tilt)
         if isinstance(scan, tuple):

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from medseg.data.plan import Plan
     from medseg.training.distributed import DistInfo
 
-__all__ = ["FoldResult", "Run", "default_run_dir", "train"]
+__all__ = ["FoldResult", "Run", "default_run_dir", "plan_from_config", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -421,14 +421,23 @@ def _plan(
     return _make_plan(index, cfg, device_type)
 
 
+def plan_from_config(fingerprint: Any, cfg: Config, device_type: str = "cpu") -> Plan:
+    """:func:`medseg.data.plan.make_plan` with the settings a config pins (``data``, ``loss.class_weights``
+    when a list, ``loss.ignore_label``)."""
+    from medseg.data.plan import make_plan
+
+    weights = cfg.loss.class_weights if isinstance(cfg.loss.class_weights, list) else None
+    return make_plan(fingerprint, cfg.data, class_weights=weights, ignore_label=cfg.loss.ignore_label,
+                     device_type=device_type)
+
+
 def _make_plan(index: DatasetIndex, cfg: Config, device_type: str) -> tuple[Plan, Any]:
     from medseg.data.fingerprint import compute_fingerprint
-    from medseg.data.plan import make_plan
     from medseg.training.budget import parse_duration
 
     log.info("fingerprinting %d cases ...", len(index.cases))
     fingerprint = compute_fingerprint(index, ignore_label=cfg.loss.ignore_label)
-    plan = make_plan(fingerprint, cfg, device_type=device_type)
+    plan = plan_from_config(fingerprint, cfg, device_type)
     budget_s = parse_duration(cfg.train.time_budget)
     if budget_s is not None and cfg.data.spatial_dims is None and plan.spatial_dims == 3:
         plan = _choose_configuration(fingerprint, cfg, plan, budget_s, device_type)
@@ -444,14 +453,13 @@ def _choose_configuration(fingerprint: Any, cfg: Config, plan3d: Plan, budget_s:
     """3D or 2.5D, whichever the budget trains better (rule: medseg.training.budget.choose_configuration)."""
     import torch
 
-    from medseg.data.plan import make_plan
     from medseg.losses import build_loss
     from medseg.models import create_model_from_plan
     from medseg.training.budget import choose_configuration, time_training_step
 
     context = cfg.data.slice_context or 1
     cfg2d = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, spatial_dims=2, slice_context=context))
-    plan2d = make_plan(fingerprint, cfg2d, device_type=device_type)
+    plan2d = plan_from_config(fingerprint, cfg2d, device_type)
     options = {**cfg.model.options, "deep_supervision": cfg.model.deep_supervision}
     device = torch.device(device_type)
     seconds = []
@@ -611,8 +619,9 @@ def _fold_data(
     # (epoch, start), so a chunk longer than train.iterations_per_epoch never runs the loader dry
     budget = cfg.train.time_budget is not None
     loader = build_train_loader(
-        index, plan, cfg, cache=cache, split=split, seed=cfg.train.seed + RANK_SEED_STRIDE * info.rank,
-        iterations_per_epoch=None if budget else -1,
+        index, plan, cache=cache, data=cfg.data, augmentation=cfg.augment, split=split,
+        seed=cfg.train.seed + RANK_SEED_STRIDE * info.rank,
+        iterations_per_epoch=None if budget else cfg.train.iterations_per_epoch,
     )
 
     def batches(epoch: int, start: int) -> Any:
