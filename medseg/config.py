@@ -32,6 +32,8 @@ from medseg.settings import (
     ModelConfig,
     TrainConfig,
     _doc,
+    check_overlap,
+    parse_postprocess,
 )
 
 __all__ = [
@@ -289,12 +291,13 @@ def _validate(cfg: Config, source: str) -> Config:
         problems.append(f"train.val_every must be >= 1, got {t.val_every}")
     if isinstance(t.fold, int) and t.fold < 0:
         problems.append(f"train.fold must be >= 0 or 'all', got {t.fold}")
-    if not 0.0 <= i.overlap < 1.0:
-        problems.append(f"infer.overlap must be in [0, 1), got {i.overlap}")
+    for check in (lambda: check_overlap(i.overlap, "infer.overlap"), lambda: parse_postprocess(i.postprocess)):
+        try:
+            check()
+        except ConfigError as err:
+            problems.append(str(err).rstrip("."))
     if i.batch_size < 1:
         problems.append(f"infer.batch_size must be >= 1, got {i.batch_size}")
-    if i.postprocess not in ("none", "largest") and not _is_min_size(i.postprocess):
-        problems.append(f"infer.postprocess must be none, largest or min-size=N, got {i.postprocess!r}")
     for f in dataclasses.fields(a):
         value = getattr(a, f.name)
         if f.name.endswith("_prob") and not 0.0 <= value <= 1.0:
@@ -312,8 +315,3 @@ def _validate(cfg: Config, source: str) -> Config:
     if problems:
         raise ConfigError(f"invalid config {source}: " + "; ".join(problems) + ".")
     return cfg
-
-
-def _is_min_size(text: str) -> bool:
-    prefix = "min-size="
-    return text.startswith(prefix) and text[len(prefix) :].isdigit() and int(text[len(prefix) :]) > 0

@@ -66,6 +66,7 @@ __all__ = [
     "check_surface",
     "compute_scores",
     "confusion_matrix",
+    "dice_per_class",
     "distance_scores",
     "empty_case_scores",
     "lesion_scores",
@@ -297,6 +298,25 @@ def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int | None =
         g = gt[start : start + _CHUNK].astype(code_dtype, copy=False)
         counts += np.bincount(p * code_dtype(k) + g, minlength=k * k)
     return counts.reshape(k, k)
+
+
+def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
+    """Dice of class indices 1..K-1 for one case (the trainer's validation); NaN where a class is in neither.
+
+    Voxels whose label index is ``K`` (the ignore label's index, see :class:`~medseg.data.plan.Plan`)
+    are skipped, as are the predictions on them.
+    """
+    pred = np.asarray(pred).reshape(-1)
+    label = np.asarray(label).reshape(-1)
+    labelled = label < num_classes
+    if not labelled.all():
+        pred, label = pred[labelled], label[labelled]
+    m = confusion_matrix(pred, label, num_classes)  # m[p, g]
+    tp = np.diag(m).astype(np.float64)
+    denom = m.sum(axis=0) + m.sum(axis=1)  # 2 tp + fp + fn
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
+    return dice[1:]
 
 
 def _counts_for(matrix: np.ndarray, values: Sequence[int]) -> tuple[int, int, int, int]:

@@ -27,24 +27,29 @@ from medseg.errors import ConfigError, MedsegError
 __all__ = ["check_record", "field_problems", "file_sha256", "json_safe", "match_type", "read_json", "type_name"]
 
 
-def read_json(path: str | Path, error: type[MedsegError], what: str, *, max_bytes: int | None = None) -> Any:
-    """The JSON value in ``path``, or ``error`` naming ``what`` and ``path`` when it cannot be read.
+def read_json(path: str | Path, error: type[MedsegError], what: str, remedy: str = "", *,
+              max_bytes: int | None = None) -> Any:
+    """The JSON value in ``path``, or ``error`` naming ``what``, ``path``, the reason and ``remedy``.
 
     Args:
         path: the file.
         error: the :class:`MedsegError` subclass to raise (the caller's domain).
-        what: the message's start, e.g. ``"cannot read plan"``; the path and the reason follow.
-        max_bytes: refuse larger files before reading them (a JSON file is never huge).
+        what: what the file is, e.g. ``"plan"``, ``"splits file"``.
+        remedy: how to fix it, appended to the message.
+        max_bytes: refuse larger files before reading them (a JSON record is never huge).
     """
     path = Path(path)
+    tail = f" {remedy}" if remedy else ""
     try:
         if max_bytes is not None and path.stat().st_size > max_bytes:
-            raise error(f"{path} is larger than {max_bytes // 2**20} MiB; {what}: is it really the right file?")
+            raise error(f"{what} {path} is larger than {max_bytes // 2**20} MiB; is it really a {what}?{tail}")
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise error(f"{what} {path}: not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from err
+        raise error(
+            f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.{tail}"
+        ) from err
     except (OSError, UnicodeDecodeError) as err:
-        raise error(f"{what} {path}: {err}") from err
+        raise error(f"cannot read {what} {path}: {err}.{tail}") from err
 
 
 def json_safe(value: Any) -> Any:

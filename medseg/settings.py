@@ -16,7 +16,19 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-__all__ = ["AugmentConfig", "DataConfig", "InferConfig", "LossConfig", "ModelConfig", "TrainConfig"]
+from medseg.errors import ConfigError
+
+__all__ = [
+    "AugmentConfig",
+    "DataConfig",
+    "InferConfig",
+    "LossConfig",
+    "ModelConfig",
+    "PostprocessSpec",
+    "TrainConfig",
+    "check_overlap",
+    "parse_postprocess",
+]
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
@@ -200,3 +212,50 @@ class InferConfig:
     postprocess: str = _doc("none, largest (largest component per class) or min-size=N (voxels).", "none")
     skip_empty_windows: bool = _doc("Skip windows without a body voxel (CT: above -500 HU; MR: non-zero); the window "
         "layout stays the same, so the mask inside the body does not change. false runs every window.", True)
+
+
+# --------------------------------------------------------------------------- grammars of single settings
+# One parser per setting that several places accept (config file, --flag, Python argument).
+
+
+def check_overlap(value: float, what: str = "overlap") -> float:
+    """The sliding-window overlap as a float in [0, 1).
+
+    Raises:
+        ConfigError: ``what`` must be in [0, 1), with the value given.
+    """
+    overlap = float(value)
+    if not 0.0 <= overlap < 1.0:
+        raise ConfigError(f"{what} must be in [0, 1), got {value}.")
+    return overlap
+
+
+@dataclass(frozen=True)
+class PostprocessSpec:
+    """A parsed ``--postprocess`` value: ``none``, ``largest`` or ``min-size=N``."""
+
+    mode: Literal["none", "largest", "min-size"]
+    min_size: int = 0
+
+    def __str__(self) -> str:
+        return f"min-size={self.min_size}" if self.mode == "min-size" else self.mode
+
+
+def parse_postprocess(spec: str | PostprocessSpec | None) -> PostprocessSpec:
+    """Parse ``none``, ``largest`` or ``min-size=N`` (N voxels, > 0).
+
+    Raises:
+        ConfigError: any other value.
+    """
+    if isinstance(spec, PostprocessSpec):
+        return spec
+    text = (spec or "none").strip().lower()
+    if text in ("none", "largest"):
+        return PostprocessSpec(text)  # type: ignore[arg-type]
+    prefix = "min-size="
+    if text.startswith(prefix) and text[len(prefix) :].isdigit() and int(text[len(prefix) :]) > 0:
+        return PostprocessSpec("min-size", int(text[len(prefix) :]))
+    raise ConfigError(
+        f"postprocess {spec!r} is not valid; use none, largest (largest component per class) "
+        "or min-size=N (remove components smaller than N voxels), e.g. min-size=50."
+    )

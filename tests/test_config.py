@@ -1,6 +1,6 @@
 import pytest
 
-from medseg.config import Config, field_docs, load_config
+from medseg.config import Config, config_from_dict, field_docs, load_config
 from medseg.errors import ConfigError
 
 
@@ -53,3 +53,21 @@ def test_every_field_is_documented():
     rows = field_docs()
     assert len(rows) > 40
     assert all(doc.strip() for _, _, _, doc in rows)
+
+
+@pytest.mark.parametrize("value", ["largest", "LARGEST", " none ", "min-size=5", "Min-Size=12"])
+def test_the_config_file_accepts_every_postprocess_value_inference_accepts(value):
+    from medseg.inference.postprocess import parse_postprocess
+
+    assert config_from_dict({"infer": {"postprocess": value}}).infer.postprocess == value
+    parse_postprocess(value)
+
+
+@pytest.mark.parametrize("value", ["biggest", "min-size=0", "min-size=x"])
+def test_the_config_file_refuses_postprocess_values_inference_refuses(value):
+    from medseg.inference.postprocess import parse_postprocess
+
+    with pytest.raises(ConfigError, match=rf"postprocess '{value}' is not valid; use none, largest"):
+        config_from_dict({"infer": {"postprocess": value}})
+    with pytest.raises(ConfigError, match=rf"postprocess '{value}' is not valid; use none, largest"):
+        parse_postprocess(value)

@@ -695,3 +695,19 @@ def test_voxel_hausdorff_differs_from_deepmind_by_at_most_one_voxel_diagonal(see
     )["1"]["hd"]
     assert abs(ours - theirs) <= float(np.linalg.norm(spacing)) + 1e-9
     assert ours > 0
+
+
+def test_dice_per_class_counts_and_ignores_classes_absent_from_both():
+    label = np.array([0, 1, 1, 1, 0, 0])
+    pred = np.array([0, 1, 1, 0, 1, 0])
+    dice = M.dice_per_class(pred, label, 3)
+    assert dice[0] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
+    assert np.isnan(dice[1])
+
+
+def test_dice_per_class_skips_voxels_of_the_ignore_index():
+    label = np.array([0, 1, 1, 3, 3, 0])  # 3 == num_classes: the ignore label's index
+    pred = np.array([0, 1, 1, 1, 2, 0])  # predictions on ignored voxels count for nothing
+    dice = M.dice_per_class(pred, label, 3)
+    assert dice[0] == pytest.approx(1.0)
+    assert np.isnan(dice[1])

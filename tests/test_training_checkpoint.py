@@ -31,7 +31,7 @@ from medseg.training.checkpoint import (
     save_checkpoint,
 )
 from medseg.training.distributed import configure_determinism, seed_everything
-from medseg.training.trainer import Trainer, ValCase, dice_per_class, learning_rate_at
+from medseg.training.trainer import Trainer, ValCase, learning_rate_at
 
 PATCH = 8
 
@@ -165,22 +165,6 @@ def test_learning_rate_schedules():
     assert learning_rate_at(5, base=0.01, max_epochs=10, schedule="poly") == pytest.approx(0.01 * 0.5**0.9)
     assert learning_rate_at(5, base=0.01, max_epochs=10, schedule="cosine") == pytest.approx(0.005)
     assert learning_rate_at(7, base=0.01, max_epochs=10, schedule="constant") == 0.01
-
-
-def test_dice_per_class_counts_and_ignores_classes_absent_from_both():
-    label = np.array([0, 1, 1, 1, 0, 0])
-    pred = np.array([0, 1, 1, 0, 1, 0])
-    dice = dice_per_class(pred, label, 3)
-    assert dice[0] == pytest.approx(2 * 2 / (2 * 2 + 1 + 1))
-    assert np.isnan(dice[1])
-
-
-def test_dice_per_class_skips_voxels_of_the_ignore_index():
-    label = np.array([0, 1, 1, 3, 3, 0])  # 3 == num_classes: the ignore label's index
-    pred = np.array([0, 1, 1, 1, 2, 0])  # predictions on ignored voxels count for nothing
-    dice = dice_per_class(pred, label, 3)
-    assert dice[0] == pytest.approx(1.0)
-    assert np.isnan(dice[1])
 
 
 def _weights(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -17,8 +17,8 @@ import medseg
 from medseg.cli import main
 from medseg.data.synthetic import write_synthetic_dataset
 from medseg.errors import ConfigError
+from medseg.metrics import dice_per_class
 from medseg.model_folder import find_model_dirs, load_model_folder, read_model_json
-from medseg.training.trainer import dice_per_class
 
 ROOT = Path(__file__).resolve().parents[1]
 

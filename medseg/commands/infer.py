@@ -40,13 +40,16 @@ HELP = "segment scans (NIfTI files, DICOM series folders or folders of scans) wi
 
 
 def _overlap(text: str) -> float:
+    from medseg.settings import check_overlap
+
     try:
         value = float(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"overlap must be a number in [0, 1), got {text!r}") from err
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"overlap must be in [0, 1), got {text}")
-    return value
+    try:
+        return check_overlap(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def _part_id(text: str) -> int:

@@ -13,7 +13,6 @@ only, no interpolation) to ``plan.orientation`` (RAS); ``target_spacing``,
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 from collections.abc import Sequence
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from medseg.errors import ConfigError
-from medseg.records import check_record, field_problems
+from medseg.records import check_record, field_problems, read_json
 from medseg.settings import DataConfig
 from medseg.spatial import ANISOTROPY_THRESHOLD, thick_axis
 from medseg.topology import fit_patch_to_topology, unet_topology
@@ -245,10 +244,7 @@ def load_plan(path: str | Path) -> Plan:
         ConfigError: unreadable file, or a record that is not a plan (each bad field named), naming ``path``.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read plan {path}: {err}") from err
+    data = read_json(path, ConfigError, "plan")
     try:
         return Plan.from_dict(data)
     except ConfigError as err:

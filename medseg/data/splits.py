@@ -11,7 +11,6 @@ warning; with a single case: one split that trains and validates on it
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ import numpy as np
 from medseg.data.folders import Case, DatasetIndex
 from medseg.errors import DatasetError
 from medseg.io.atomic import write_json_atomic
+from medseg.records import read_json
 
 __all__ = ["load_splits", "make_splits", "save_splits", "select_split"]
 
@@ -117,10 +117,7 @@ def load_splits(path: str | Path, *, case_ids: Sequence[str] | None = None) -> l
         DatasetError: unreadable, malformed, or naming unknown cases.
     """
     path = Path(path)
-    try:
-        data: Any = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read splits file {path}: {err}") from err
+    data: Any = read_json(path, DatasetError, "splits file")
     if not isinstance(data, list) or not data:
         raise DatasetError(f"splits file {path} must hold a non-empty list of {{\"train\": [...], \"val\": [...]}}.")
     known = set(case_ids) if case_ids is not None else None

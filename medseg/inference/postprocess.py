@@ -15,46 +15,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from scipy import ndimage
 
-from medseg.errors import ConfigError
+from medseg.settings import PostprocessSpec, parse_postprocess
 
 __all__ = ["PostprocessSpec", "keep_largest_component", "parse_postprocess", "postprocess", "remove_small_components"]
-
-
-@dataclass(frozen=True)
-class PostprocessSpec:
-    """A parsed ``--postprocess`` value: ``none``, ``largest`` or ``min-size=N``."""
-
-    mode: Literal["none", "largest", "min-size"]
-    min_size: int = 0
-
-    def __str__(self) -> str:
-        return f"min-size={self.min_size}" if self.mode == "min-size" else self.mode
-
-
-def parse_postprocess(spec: str | PostprocessSpec | None) -> PostprocessSpec:
-    """Parse ``none``, ``largest`` or ``min-size=N`` (N voxels, > 0).
-
-    Raises:
-        ConfigError: any other value.
-    """
-    if isinstance(spec, PostprocessSpec):
-        return spec
-    text = (spec or "none").strip().lower()
-    if text in ("none", "largest"):
-        return PostprocessSpec(text)  # type: ignore[arg-type]
-    prefix = "min-size="
-    if text.startswith(prefix) and text[len(prefix) :].isdigit() and int(text[len(prefix) :]) > 0:
-        return PostprocessSpec("min-size", int(text[len(prefix) :]))
-    raise ConfigError(
-        f"postprocess {spec!r} is not valid; use none, largest (largest component per class) "
-        "or min-size=N (remove components smaller than N voxels), e.g. min-size=50."
-    )
 
 
 def _class_boxes(mask: np.ndarray) -> list[tuple[int, tuple[slice, ...]]]:

@@ -67,6 +67,7 @@ from medseg.inference.provenance import (
 from medseg.io.geometry import Geometry
 from medseg.io.images2d import is_image_path, refuse_palette_image
 from medseg.io.volume import Volume
+from medseg.settings import check_overlap
 
 if TYPE_CHECKING:
     import torch
@@ -320,8 +321,7 @@ class Segmenter:
                     f"model folders {models[0].path} and {m.path} were trained with different plans "
                     f"({'; '.join(diff[:3])}); an ensemble needs folds of one run."
                 )
-        if not 0.0 <= overlap < 1.0:
-            raise ConfigError(f"overlap must be in [0, 1), got {overlap}.")
+        check_overlap(overlap)
         if batch_size < 1:
             raise ConfigError(f"batch size must be >= 1, got {batch_size}.")
         self.models = list(models)

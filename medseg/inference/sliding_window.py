@@ -89,6 +89,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from medseg.errors import GeometryError
+from medseg.settings import check_overlap
 
 if TYPE_CHECKING:
     import torch
@@ -345,8 +346,7 @@ def iter_logit_slabs(
     """
     import torch
 
-    if not 0.0 <= overlap < 1.0:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap}")
+    check_overlap(overlap)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = torch.device(device) if device is not None else _network_device(network)

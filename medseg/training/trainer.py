@@ -54,6 +54,7 @@ import numpy as np
 
 from medseg.errors import TrainingError
 from medseg.inference.quality import fingerprint_volume_ranges
+from medseg.metrics import dice_per_class
 from medseg.model_folder import save_model_folder
 from medseg.training.budget import BudgetPlan, parse_duration, plan_budget
 from medseg.training.checkpoint import (
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
     from medseg.config import Config
     from medseg.data.plan import Plan
 
-__all__ = ["CHECKPOINT_LAST", "FitResult", "Trainer", "ValCase", "dice_per_class", "learning_rate_at"]
+__all__ = ["CHECKPOINT_LAST", "FitResult", "Trainer", "ValCase", "learning_rate_at"]
 
 log = logging.getLogger(__name__)
 
@@ -133,27 +134,6 @@ def learning_rate_at(epoch: int, *, base: float, max_epochs: int, schedule: str)
     if schedule == "cosine":
         return base * 0.5 * (1.0 + math.cos(math.pi * frac))
     return base
-
-
-def dice_per_class(pred: np.ndarray, label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Dice of classes 1..K-1 for one case; NaN where the class is absent from both masks.
-
-    Voxels whose label index is ``K`` (the ignore label, see :class:`~medseg.data.plan.Plan`) are skipped.
-    """
-    pred = pred.reshape(-1).astype(np.int64)
-    label = label.reshape(-1).astype(np.int64)
-    k = num_classes
-    labelled = label < k
-    if not labelled.all():
-        pred, label = pred[labelled], label[labelled]
-    confusion = np.bincount(label * k + pred, minlength=k * k).reshape(k, k)  # rows: reference
-    tp = np.diag(confusion).astype(np.float64)
-    fp = confusion.sum(axis=0) - tp
-    fn = confusion.sum(axis=1) - tp
-    denom = 2 * tp + fp + fn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dice = np.where(denom > 0, 2 * tp / np.maximum(denom, 1), np.nan)
-    return dice[1:]
 
 
 @dataclass
