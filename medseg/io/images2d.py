@@ -239,10 +239,11 @@ def _drop_opaque_alpha(path: Path, pixels: np.ndarray, meta: dict) -> np.ndarray
 # --------------------------------------------------------------------------- writing
 
 
-def write_mask_image(mask, geometry: Geometry, target: Path, *, overwrite: bool) -> Path:
+def write_mask_image(data: np.ndarray, geometry: Geometry, target: Path, *, overwrite: bool) -> Path:
     """Write a 2D label mask as a greyscale PNG or TIFF; called by :func:`medseg.io.write_mask`.
 
-    The caller has checked the target (name, folder, not the input, overwrite).
+    The caller has checked the target (name, folder, not the input, overwrite) and the labels
+    (``data``: uint8 or uint16 of the grid's shape, from ``medseg.io.writers``).
     The mask (``geometry.shape == (width, height)``) is stored as rows x columns,
     uint8 (uint16 above 255), then read back and compared before the rename.
 
@@ -252,14 +253,12 @@ def write_mask_image(mask, geometry: Geometry, target: Path, *, overwrite: bool)
         OutputWriteError: the write failed.
     """
     from medseg.io.atomic import atomic_path
-    from medseg.io.writers import _mask_data
 
     if geometry.spatial_dims != 2:
         raise GeometryError(
             f"cannot write {target}: a {geometry.spatial_dims}D mask {geometry.shape} cannot be a 2D image; "
             "write it as .nii.gz."
         )
-    data = _mask_data(mask, geometry, target)  # shape, integer and range checks; uint8/uint16
     pixels = np.ascontiguousarray(data.T)  # (x, y) -> (rows, columns)
     tiff = target.name.lower().endswith(_TIFF_SUFFIXES)
     with atomic_path(target, overwrite=overwrite) as temp:

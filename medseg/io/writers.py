@@ -70,7 +70,7 @@ def write_mask(mask, like: Volume | Geometry, path: str | os.PathLike, *, overwr
     if Path(path).name.lower().endswith(MASK_IMAGE_SUFFIXES):
         geometry, source = _like(like)
         target = _check_target(Path(path), source, overwrite=overwrite, image=True)
-        return write_mask_image(mask, geometry, target, overwrite=overwrite)
+        return write_mask_image(_mask_data(mask, geometry, target), geometry, target, overwrite=overwrite)
     return _write_nifti(_mask_data, mask, like, path, overwrite=overwrite, compresslevel=6)
 
 
