@@ -48,6 +48,7 @@ from medseg.errors import (
     OutputWriteError,
 )
 from medseg.io.atomic import write_text_atomic
+from medseg.io.formats import MASK_SUFFIXES, strip_suffix
 from medseg.records import json_safe
 
 __all__ = [
@@ -67,7 +68,6 @@ CSV_NAME = "metrics_per_case.csv"
 SUMMARY_NAME = "metrics_summary.json"
 LESIONS_CSV_NAME = "lesions.csv"
 SUMMARY_FORMAT_VERSION = 1
-MASK_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".tif", ".tiff", ".bmp")
 NAME_SUFFIX = "_mask"
 
 MissingPolicy = Literal["error", "empty", "skip"]
@@ -78,11 +78,7 @@ MissingPolicy = Literal["error", "empty", "skip"]
 # --------------------------------------------------------------------------------------
 def case_name(path: str | os.PathLike) -> str:
     """Case name of a mask file: its name without extension and without a trailing ``_mask``."""
-    name = Path(path).name
-    for ext in MASK_SUFFIXES:
-        if name.lower().endswith(ext):
-            name = name[: -len(ext)]
-            break
+    name = strip_suffix(Path(path).name, MASK_SUFFIXES)
     if name.endswith(NAME_SUFFIX) and len(name) > len(NAME_SUFFIX):
         name = name[: -len(NAME_SUFFIX)]
     return name

@@ -154,6 +154,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from medseg.inference.postprocess import parse_postprocess
     from medseg.inference.segmenter import Segmenter, plan_outputs
+    from medseg.io.formats import MASK_IMAGE_SUFFIXES, NIFTI_SUFFIXES, has_suffix
     from medseg.model_folder import newest_run
 
     if args.postprocess is not None:
@@ -174,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
         cases = anonymize_cases(cases, series_uid=args.series_uid)
     out = args.output
     mask_path = None
-    if out.name.lower().endswith((".nii.gz", ".nii", ".png", ".tif", ".tiff")):  # one file; 2D masks may be images
+    if has_suffix(out, NIFTI_SUFFIXES + MASK_IMAGE_SUFFIXES):  # one file; 2D masks may be images
         if len(cases) != 1:
             raise ConfigError(f"-o {out} names one file but there are {len(cases)} inputs; pass a folder.")
         mask_path = out

@@ -40,6 +40,7 @@ from typing import Any, Literal
 import numpy as np
 
 from medseg.errors import DatasetError, GeometryError
+from medseg.io.formats import SCAN_SUFFIXES, strip_suffix
 
 __all__ = [
     "SCAN_EXTENSIONS",
@@ -53,7 +54,7 @@ __all__ = [
     "strip_extension",
 ]
 
-SCAN_EXTENSIONS = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SCAN_EXTENSIONS = SCAN_SUFFIXES  # the scan endings (medseg.io.formats)
 Layout = Literal["msd", "nnunet", "plain", "list"]
 _CHANNEL_SUFFIX = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 _MAX_JSON_BYTES = 64 * 1024 * 1024
@@ -149,11 +150,7 @@ class DatasetIndex:
 
 def strip_extension(name: str) -> str:
     """File name without a known scan extension (``.nii.gz``, ``.nrrd`` ...)."""
-    lower = name.lower()
-    for ext in SCAN_EXTENSIONS:
-        if lower.endswith(ext):
-            return name[: -len(ext)]
-    return name
+    return strip_suffix(name)
 
 
 def _is_scan_name(path: Path) -> bool:

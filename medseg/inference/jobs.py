@@ -57,6 +57,7 @@ from medseg.errors import (
 )
 from medseg.inference.provenance import anonymous_case_name
 from medseg.io.atomic import write_bytes_atomic, write_json_atomic
+from medseg.io.formats import NIFTI_SUFFIXES, has_suffix
 
 if TYPE_CHECKING:
     from medseg.data.plan import Plan
@@ -339,7 +340,7 @@ def incomplete_reason(
         return f"{mask_path.name} has shape {image.shape}, not a {data_dims}D mask"
     expected = None
     source = case.source
-    if source.is_file() and source.name.lower().endswith((".nii", ".nii.gz")):
+    if source.is_file() and has_suffix(source, NIFTI_SUFFIXES):
         try:
             header = nib.load(source)
             expected = Geometry(shape=header.shape[:data_dims], affine=header.affine)

@@ -64,6 +64,7 @@ from medseg.inference.provenance import (
     make_provenance,
     write_json_atomic,
 )
+from medseg.io.formats import MASK_SUFFIXES, NIFTI_SUFFIXES, SCAN_SUFFIXES, has_suffix, strip_suffix
 from medseg.io.geometry import Geometry
 from medseg.io.images2d import is_image_path, refuse_palette_image
 from medseg.io.volume import Volume
@@ -104,7 +105,6 @@ OUTPUT_SUFFIXES = {
     "rtstruct": "_rtstruct.dcm",  # --format rtstruct
 }
 
-SCAN_SUFFIXES = (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 #: Upper bounds of the small side outputs, in bytes (the NIfTI outputs are bounded from their shape).
 PROVENANCE_MAX_BYTES = 64 << 10  # plus 1 KiB per model
@@ -161,11 +161,7 @@ def case_name(path: str | os.PathLike) -> str:
     path = Path(path)
     if path.is_dir():
         return path.resolve().name if path.name in ("", ".", "..") else path.name
-    lower = path.name.lower()
-    for ext in SCAN_SUFFIXES:
-        if lower.endswith(ext):
-            return path.name[: -len(ext)]
-    return path.name
+    return strip_suffix(path.name)
 
 
 def collect_inputs(inputs: Sequence[str | os.PathLike], *, anonymize: bool = False) -> list[tuple[Path, str]]:
@@ -247,8 +243,7 @@ def output_paths(
     if mask_path is not None:
         mask_path = Path(mask_path)
         out_dir = mask_path.parent
-        lower = mask_path.name.lower()
-        stem = mask_path.name[: -len(".nii.gz")] if lower.endswith(".nii.gz") else mask_path.stem
+        stem = strip_suffix(mask_path.name, MASK_SUFFIXES) if has_suffix(mask_path, MASK_SUFFIXES) else mask_path.stem
         stem = stem[: -len("_mask")] if stem.endswith("_mask") else stem
     mask_suffix = OUTPUT_SUFFIXES["mask"]
     if source is not None and is_image_path(source):
@@ -868,7 +863,7 @@ def _declared_shape(path: Path, data_dims: int) -> tuple[int, ...] | None:
     """
     lower = path.name.lower()
     try:
-        if path.is_file() and lower.endswith((".nii.gz", ".nii")):
+        if path.is_file() and lower.endswith(NIFTI_SUFFIXES):
             import nibabel as nib
 
             shape = tuple(int(s) for s in nib.load(path).header.get_data_shape())

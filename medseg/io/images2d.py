@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import GeometryError, OutputWriteError, ScanReadError
+from medseg.io.formats import IMAGE_SUFFIXES, MASK_IMAGE_SUFFIXES
 from medseg.io.geometry import Geometry, affine_from_lps
 from medseg.io.volume import Volume
 
@@ -51,10 +52,6 @@ __all__ = [
     "write_mask_image",
 ]
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-"""File name endings read as 2D images (lower case)."""
-MASK_IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
-"""Lossless endings a 2D mask may be written as."""
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _TIFF_SUFFIXES = (".tif", ".tiff")

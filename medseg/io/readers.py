@@ -45,8 +45,9 @@ import numpy as np
 
 from medseg.errors import DicomSeriesError, GeometryError, ScanReadError
 from medseg.io.compression import GZIP_ERRORS, gzip_open
+from medseg.io.formats import IMAGE_SUFFIXES, ITK_SUFFIXES, NIFTI_SUFFIXES, suffix_of
 from medseg.io.geometry import Geometry, NiftiCodes, affine_from_lps
-from medseg.io.images2d import IMAGE_SUFFIXES, read_image
+from medseg.io.images2d import read_image
 from medseg.io.volume import Volume
 
 __all__ = ["DicomSeries", "list_dicom_series", "read_volume"]
@@ -59,8 +60,6 @@ SPACING_REL_TOL = 1e-2  # slice steps: largest relative deviation from the media
 DUPLICATE_TOL_MM = 1e-3  # two slices closer than this along the normal are duplicates
 DICOM_POSITION_TOL_MM = 1e-2  # IPP off the slice normal (tilt) and ITK geometry vs IPP
 TILT_POSITION_TOL_MM = 0.1  # resample_tilt: every slice's IPP vs its place on the corrected grid
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-ITK_SUFFIXES = (".mha", ".mhd", ".nrrd", ".nhdr")
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
 TRAILING_PROBE_BYTES = 1 << 20  # NIfTI: bytes read past the declared end to report trailing data
 MAX_HEADER_BYTES = 1 << 20  # MetaImage/NRRD: header text read to find the data file names
@@ -143,10 +142,7 @@ def read_volume(
 
 # --- format sniffing ----------------------------------------------------------
 def _suffix(path: Path) -> str:
-    name = path.name.lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    return path.suffix.lower()
+    return suffix_of(path)
 
 
 def _nifti_kind(head: bytes) -> str | None:

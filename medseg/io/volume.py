@@ -50,8 +50,6 @@ class Volume:
         """Case name derived from the file name (no extension), e.g. ``'liver_012'``."""
         if self.path is None:
             return "volume"
-        name = self.path.name
-        for ext in (".nii.gz", ".nii", ".mha", ".mhd", ".nrrd", ".nhdr", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"):
-            if name.lower().endswith(ext):
-                return name[: -len(ext)]
-        return name
+        from medseg.io.formats import strip_suffix
+
+        return strip_suffix(self.path.name)
