@@ -233,39 +233,12 @@ def _labels_from_mapping(data: Mapping, where: str) -> tuple[dict[int, str], dic
         data = data["labels"]
     elif len(data) == 1 and isinstance(next(iter(data.values())), Mapping):
         data = next(iter(data.values()))
-    labels: dict[int, str] = {}
-    regions: dict[str, list[int]] = {}
-    try:
-        for key, value in data.items():
-            if _is_int(key) and isinstance(value, str):  # MSD: "1": "liver"
-                labels[int(key)] = value
-            elif isinstance(value, (list, tuple)):  # nnU-Net region: "whole_tumour": [1, 2, 3]
-                regions[str(key)] = [int(v) for v in value]
-            elif _is_int(value):  # nnU-Net: "liver": 1
-                labels[int(value)] = str(key)
-            else:
-                raise ValueError(f"{key!r}: {value!r}")
-    except (TypeError, ValueError) as err:
-        raise ConfigError(
-            f"{where}: cannot read labels ({err}); expected {{'0': 'background', '1': 'liver'}} "
-            "or {'background': 0, 'liver': 1}."
-        ) from err
-    if not labels and not regions:
-        raise ConfigError(
-            f"{where}: no labels found (expected a 'labels' map or plan label_values/label_names)."
-        )
-    for name, members in regions.items():
-        if not members or any(m < 0 for m in members):
-            raise ConfigError(f"{where}: region {name!r} must list non-negative label values, got {members}.")
-    return _checked(labels, where), regions
+    from medseg.data.folders import parse_labels
 
-
-def _is_int(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, int):
-        return True
-    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+    values, names, regions = parse_labels(
+        dict(data), where, allow_regions=True, require_background=False, error=ConfigError
+    )
+    return dict(zip(values, names)), regions
 
 
 def _checked(labels: dict[int, str], where: str) -> dict[int, str]:

@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from medseg.errors import DatasetError, GeometryError
+from medseg.errors import DatasetError, GeometryError, MedsegError
 from medseg.io.formats import SCAN_SUFFIXES, strip_suffix
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "Case",
     "DatasetIndex",
     "check_case_id",
+    "parse_labels",
     "read_case",
     "resolve_inside",
     "safe_case_id",
@@ -333,59 +334,67 @@ def _load_json(path: Path) -> Any:
         raise DatasetError(f"cannot read {path}: {err}") from err
 
 
-def _labels_value_to_name(labels: Any, source: str) -> tuple[list[int], list[str]]:
-    """MSD ``{"0": "background"}`` -> values, names."""
-    if not isinstance(labels, dict) or not labels:
-        raise DatasetError(f"{source}: 'labels' must map label values to names, e.g. {{\"0\": \"background\", \"1\": \"liver\"}}.")
-    pairs = []
-    for key, name in labels.items():
-        try:
-            value = int(str(key))
-        except ValueError:
-            raise DatasetError(f"{source}: label key {key!r} is not an integer value (MSD maps values to names).") from None
-        pairs.append((value, str(name)))
-    return _sorted_labels(pairs, source)
+def parse_labels(
+    labels: Any, source: str, *, allow_regions: bool = False, require_background: bool = True,
+    error: type[MedsegError] = DatasetError,
+) -> tuple[list[int], list[str], dict[str, list[int]]]:
+    """A dataset.json ``labels`` map in either convention -> ``(values, names, regions)``, sorted by value.
 
+    The keys decide the convention: all integers is MSD (``{"0": "background", "1": "liver"}``),
+    otherwise nnU-Net v2 (``{"background": 0, "liver": 1}``), where a list value is a region
+    (``"whole_tumour": [1, 2, 3]``). Training refuses regions (it needs one value per class);
+    evaluation scores them (``allow_regions``). Every reader of dataset labels calls this.
 
-def _labels_name_to_value(labels: Any, source: str) -> tuple[list[int], list[str]]:
-    """nnU-Net v2 ``{"background": 0}`` -> values, names."""
+    Raises:
+        ``error``: not a map, a key or value of the wrong kind, duplicate values, no background 0
+            (when ``require_background``), a region when not allowed, nnU-Net's ``ignore`` label.
+    """
     if not isinstance(labels, dict) or not labels:
-        raise DatasetError(f"{source}: 'labels' must map names to label values, e.g. {{\"background\": 0, \"liver\": 1}}.")
-    pairs = []
-    for name, value in labels.items():
-        if isinstance(value, list):
-            raise DatasetError(
-                f"{source}: label {name!r} is a region ({value}); region-based labels are not supported, "
-                "declare one value per class."
-            )
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DatasetError(f"{source}: label {name!r} must be an integer value, got {value!r}.")
-        if name == "ignore":
-            raise DatasetError(
-                f"{source}: the nnU-Net 'ignore' label ({value}) is not supported in dataset.json; "
-                "set loss.ignore_label in the config instead."
-            )
-        pairs.append((value, str(name)))
-    return _sorted_labels(pairs, source)
+        raise error(f"{source}: 'labels' must map label values to names, e.g. {{\"0\": \"background\", \"1\": \"liver\"}}, "
+                    "or names to values, e.g. {\"background\": 0, \"liver\": 1}.")
+    pairs: list[tuple[int, str]] = []
+    regions: dict[str, list[int]] = {}
+    if all(str(k).strip().lstrip("-").isdigit() for k in labels):  # MSD: value -> name
+        pairs = [(int(str(key)), str(name)) for key, name in labels.items()]
+    else:  # nnU-Net v2: name -> value (or region)
+        for name, value in labels.items():
+            if isinstance(value, list):
+                if not allow_regions:
+                    raise error(
+                        f"{source}: label {name!r} is a region ({value}); region-based labels are not supported, "
+                        "declare one value per class."
+                    )
+                if not value or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+                    raise error(f"{source}: region {name!r} must list non-negative label values, got {value}.")
+                regions[str(name)] = [int(v) for v in value]
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise error(f"{source}: label {name!r} must be an integer value, got {value!r}.")
+            if name == "ignore":
+                raise error(
+                    f"{source}: the nnU-Net 'ignore' label ({value}) is not supported in dataset.json; "
+                    "set loss.ignore_label in the config instead."
+                )
+            pairs.append((value, str(name)))
+    pairs.sort()
+    values = [v for v, _ in pairs]
+    names = [n for _, n in pairs]
+    if len(set(values)) != len(values):
+        raise error(f"{source}: label values {values} contain duplicates.")
+    if values and values[0] < 0:
+        raise error(f"{source}: label values must be >= 0, got {values}.")
+    if require_background and (not values or values[0] != 0):
+        raise error(f"{source}: labels must include background 0, got values {values}.")
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise error(f"{source}: label names {duplicated} are used for several values; names must be unique.")
+    return values, names, regions
 
 
 def _labels_any(labels: Any, source: str) -> tuple[list[int], list[str]]:
-    """Either convention: MSD ``{"0": "background"}`` or nnU-Net ``{"background": 0}`` (keys decide)."""
-    if isinstance(labels, dict) and labels and not all(str(k).strip().lstrip("-").isdigit() for k in labels):
-        return _labels_name_to_value(labels, source)
-    return _labels_value_to_name(labels, source)
-
-
-def _sorted_labels(pairs: list[tuple[int, str]], source: str) -> tuple[list[int], list[str]]:
-    pairs.sort()
-    values = [v for v, _ in pairs]
-    if len(set(values)) != len(values):
-        raise DatasetError(f"{source}: label values {values} contain duplicates.")
-    if values[0] != 0:
-        raise DatasetError(f"{source}: labels must include background 0, got values {values}.")
-    if values[0] < 0:
-        raise DatasetError(f"{source}: label values must be >= 0, got {values}.")
-    return values, [n for _, n in pairs]
+    """Training's labels: either convention, no regions (see :func:`parse_labels`)."""
+    values, names, _ = parse_labels(labels, source)
+    return values, names
 
 
 def _channel_names(value: Any, source: str) -> list[str]:
