@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import re
 import warnings
@@ -41,6 +40,7 @@ import numpy as np
 
 from medseg.errors import DatasetError, GeometryError, MedsegError
 from medseg.io.formats import SCAN_SUFFIXES, strip_suffix
+from medseg.records import read_json
 
 __all__ = [
     "SCAN_EXTENSIONS",
@@ -324,14 +324,7 @@ def _scan(path: Path) -> DatasetIndex:
 
 
 def _load_json(path: Path) -> Any:
-    try:
-        if path.stat().st_size > _MAX_JSON_BYTES:
-            raise DatasetError(f"{path} is larger than {_MAX_JSON_BYTES // 2**20} MiB; is it really a dataset.json?")
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise DatasetError(f"{path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.") from err
-    except (OSError, UnicodeDecodeError) as err:
-        raise DatasetError(f"cannot read {path}: {err}") from err
+    return read_json(path, DatasetError, "dataset file", max_bytes=_MAX_JSON_BYTES)
 
 
 def parse_labels(
