@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tta = parser.add_mutually_exclusive_group()
     tta.add_argument(
         "--tta", dest="tta", action="store_const", const="on",
-        help="mirroring test-time augmentation: 8 forward passes per window in 3D (4 in 2D) "
+        help="mirroring test-time augmentation: 8x slower in 3D (8 forward passes per window; 4 in 2D) "
         "(default: on for GPUs, off on the CPU)",
     )
     tta.add_argument("--no-tta", dest="tta", action="store_const", const="off", help="no test-time augmentation")
