@@ -66,6 +66,7 @@ __all__ = [
     "legend_entries",
     "plane_layout",
     "render_preview",
+    "rgba_overlay",
     "thin_axes",
     "write_preview",
 ]
@@ -370,8 +371,11 @@ def _colour(value: int) -> tuple[float, float, float]:
     return tuple(c / 255 for c in structure_colour(value))
 
 
-def _rgba_overlay(mask: np.ndarray, colours: dict[int, tuple[float, float, float]]) -> np.ndarray:
-    """Fills at :data:`FILL_ALPHA` and opaque 1-pixel outlines (a pixel with a differently labelled 4-neighbour)."""
+def rgba_overlay(mask: np.ndarray, colours: dict[int, tuple[float, float, float]] | None = None) -> np.ndarray:
+    """``(H, W, 4)`` float32 overlay of a 2D label slice: each structure in its colour (``colours``, else the
+    DICOM outputs' palette) at :data:`FILL_ALPHA`, with opaque 1-pixel outlines (a pixel with a differently
+    labelled 4-neighbour); background transparent. The preview and the TensorBoard overlays both draw it."""
+    colours = colours or {}
     out = np.zeros((*mask.shape, 4), dtype=np.float32)
     edge = np.zeros(mask.shape, dtype=bool)
     edge[:-1] |= mask[:-1] != mask[1:]
@@ -395,7 +399,7 @@ def _draw_panel(fig: Any, rect: list[float], panel: _Panel, window: tuple[float,
     aspect = panel.pixel_mm[0] / panel.pixel_mm[1]
     ax.imshow(panel.image, cmap="gray", vmin=window[0], vmax=window[1], aspect=aspect, interpolation="bilinear")
     if panel.mask.any():
-        ax.imshow(_rgba_overlay(panel.mask, colours), aspect=aspect, interpolation="nearest")
+        ax.imshow(rgba_overlay(panel.mask, colours), aspect=aspect, interpolation="nearest")
     for row in panel.mark_rows:
         ax.axhline(row, color="#ffd400", linestyle=(0, (4, 3)), linewidth=1.0)
     ax.set_xticks([])

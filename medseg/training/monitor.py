@@ -197,7 +197,7 @@ def overlay_image(image: np.ndarray, label: np.ndarray, pred: np.ndarray, *, min
     """
     import numpy as np
 
-    from medseg.inference.dicom_outputs import structure_colour
+    from medseg.inference.preview import rgba_overlay
 
     img = image.astype(np.float32)
     lo, hi = np.percentile(img, [1, 99]) if img.size else (0.0, 1.0)
@@ -208,20 +208,9 @@ def overlay_image(image: np.ndarray, label: np.ndarray, pred: np.ndarray, *, min
     base = np.repeat(gray[..., None], 3, axis=-1)
 
     def tint(mask: np.ndarray) -> np.ndarray:
-        out = base.copy()
-        edge = np.zeros(mask.shape, dtype=bool)
-        edge[:-1] |= mask[:-1] != mask[1:]
-        edge[1:] |= mask[1:] != mask[:-1]
-        edge[:, :-1] |= mask[:, :-1] != mask[:, 1:]
-        edge[:, 1:] |= mask[:, 1:] != mask[:, :-1]
-        for value in np.unique(mask).tolist():
-            if value == 0:
-                continue
-            m = mask == value
-            colour = np.asarray(structure_colour(int(value)), dtype=np.float32) / 255
-            alpha = np.where(edge[m], 1.0, 0.45)[:, None]
-            out[m] = (1 - alpha) * out[m] + alpha * colour
-        return out
+        overlay = rgba_overlay(mask)
+        alpha = overlay[..., 3:]
+        return (1 - alpha) * base + alpha * overlay[..., :3]
 
     gap = np.zeros((base.shape[0], 4, 3), dtype=np.float32)
     panel = np.concatenate([base, gap, tint(label), gap, tint(pred)], axis=1)
