@@ -269,6 +269,27 @@ def test_infer_writes_a_png_mask_of_the_input_size(tmp_path, capsys):
         one_error_line(capsys))
 
 
+def test_continue_keeps_complete_png_masks_and_redoes_cut_or_resized_ones(tmp_path, capsys):
+    plan = make_plan(spatial_dims=2, data_dims=2, patch_size=(16, 16), target_spacing=(1.0, 1.0))
+    model = save_model(tmp_path / "m", plan)
+    (tmp_path / "in").mkdir()
+    for name, h, w in (("a", 27, 41), ("b", 33, 19), ("c", 20, 24)):
+        _grey16_image_and_disc(tmp_path / "in" / f"{name}.png", h, w)
+    out = tmp_path / "out"
+    args = ["infer", str(tmp_path / "in"), "-m", str(model), "-o", str(out), "--device", "cpu"]
+    assert main(args) == 0
+    stamp = (out / "a_mask.png").stat().st_mtime_ns
+    data = (out / "b_mask.png").read_bytes()
+    (out / "b_mask.png").write_bytes(data[: len(data) // 2])  # cut short
+    Image.fromarray(np.zeros((5, 5), np.uint8)).save(out / "c_mask.png")  # another size
+    capsys.readouterr()
+    assert main([*args, "--continue"]) == 0
+    assert sorted(Path(p).name for p in capsys.readouterr().out.split()) == ["b_mask.png", "c_mask.png"]
+    assert (out / "a_mask.png").stat().st_mtime_ns == stamp
+    with Image.open(out / "c_mask.png") as redone:
+        assert redone.size == (24, 20)  # (width, height)
+
+
 def test_evaluate_png_masks_gives_dice_iou_and_pixel_accuracy(tmp_path):
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()

@@ -57,7 +57,7 @@ from medseg.errors import (
 )
 from medseg.inference.provenance import anonymous_case_name
 from medseg.io.atomic import write_bytes_atomic, write_json_atomic
-from medseg.io.formats import NIFTI_SUFFIXES, has_suffix
+from medseg.io.formats import MASK_IMAGE_SUFFIXES, NIFTI_SUFFIXES, has_suffix
 
 if TYPE_CHECKING:
     from medseg.data.plan import Plan
@@ -330,6 +330,8 @@ def incomplete_reason(
             if not (paths["mask"].parent / name).exists():
                 return f"{name} (listed in the manifest) is missing"
     mask_path = paths["mask"]
+    if has_suffix(mask_path, MASK_IMAGE_SUFFIXES):  # a 2D image mask: decoded fully, compared with the input's size
+        return _incomplete_image_mask(case.source, mask_path, paths)
     try:
         image = nib.load(mask_path)
         np.asarray(image.dataobj)
@@ -355,12 +357,33 @@ def incomplete_reason(
         return "no record of the input's grid to check the mask against"
     if not mask_grid.same_grid(expected, atol_mm=1e-3):
         return f"{mask_path.name} is not on the input's grid ({mask_grid.describe_difference(expected)})"
+    return _invalid_provenance(paths)
+
+
+def _invalid_provenance(paths: dict[str, Path]) -> str | None:
     if "provenance" in paths:
         try:
             json.loads(paths["provenance"].read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
             return f"{paths['provenance'].name} is not valid JSON"
     return None
+
+
+def _incomplete_image_mask(source: Path, mask_path: Path, paths: dict[str, Path]) -> str | None:
+    """:func:`incomplete_reason` for a PNG/TIFF mask: it decodes, and has the input image's width and height."""
+    from medseg.io.readers import read_volume
+
+    try:
+        mask_shape = read_volume(mask_path).geometry.shape
+    except Exception as err:  # Pillow and tifffile raise many types for a corrupt file
+        return f"{mask_path.name} does not load ({type(err).__name__}: {err})"
+    try:
+        input_shape = read_volume(source).geometry.shape
+    except Exception as err:
+        return f"the input {source.name} does not load ({type(err).__name__})"
+    if mask_shape != input_shape:
+        return f"{mask_path.name} is {mask_shape[0]} x {mask_shape[1]} pixels, the input {input_shape[0]} x {input_shape[1]}"
+    return _invalid_provenance(paths)
 
 
 # --------------------------------------------------------------------------- manifest
