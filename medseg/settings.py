@@ -3,7 +3,7 @@
 Library functions take the section they need (``make_plan(fingerprint, DataConfig(...))``,
 ``build_train_transforms(plan, AugmentConfig(...))``, ``build_loss(LossConfig(...), plan)``);
 :mod:`medseg.config` assembles them into one :class:`~medseg.config.Config` from YAML and
-``--set`` overrides and validates it. This module imports nothing of medseg, so every
+``--set`` overrides and validates it. This module imports only :mod:`medseg.errors`, so every
 layer may use it.
 
 Every field carries its documentation in ``field(metadata={"doc": ...})``;
