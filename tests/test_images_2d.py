@@ -290,6 +290,16 @@ def test_continue_keeps_complete_png_masks_and_redoes_cut_or_resized_ones(tmp_pa
         assert redone.size == (24, 20)  # (width, height)
 
 
+def test_probs_for_a_2d_image_is_refused_before_anything_is_written(tmp_path, capsys):
+    plan = make_plan(spatial_dims=2, data_dims=2, patch_size=(16, 16), target_spacing=(1.0, 1.0))
+    model = save_model(tmp_path / "m", plan)
+    _grey16_image_and_disc(tmp_path / "a.png", 20, 24)
+    out = tmp_path / "out"
+    assert main(["infer", str(tmp_path / "a.png"), "-m", str(model), "-o", str(out), "--probs", "--device", "cpu"]) == 2
+    assert "a.png: --probs is not available for 2D images" in one_error_line(capsys)
+    assert not out.exists() or not any(out.iterdir())
+
+
 def test_evaluate_png_masks_gives_dice_iou_and_pixel_accuracy(tmp_path):
     (tmp_path / "pred").mkdir()
     (tmp_path / "gt").mkdir()

@@ -248,6 +248,11 @@ def output_paths(
     mask_suffix = OUTPUT_SUFFIXES["mask"]
     if source is not None and is_image_path(source):
         mask_suffix = "_mask.png"
+        if probabilities:
+            raise ConfigError(
+                f"{Path(source).name}: --probs is not available for 2D images (the per-class probabilities of an "
+                "image have no single-file form that viewers read); leave --probs out."
+            )
     paths = {"mask": Path(mask_path) if mask_path is not None else out_dir / (stem + mask_suffix)}
     wanted = {
         "probabilities": probabilities,
