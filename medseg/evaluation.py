@@ -3,7 +3,7 @@
 ::
 
     report = medseg.evaluate("preds/", "labelsTs/", labels="dataset.json", output_dir="eval/")
-    print(report.format_table())
+    report.format_table()                     # the table `medseg evaluate` shows
     report.summary["liver"]["dice"]["mean"]
 
 Cases are matched by name: the file name without ``.nii.gz``/``.nii``/``.mha``/

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.commands import emit
+
 HELP = "check a dataset folder: list every problem (missing files, geometry, labels) at once"
 
 
@@ -40,8 +42,8 @@ def run(args: argparse.Namespace) -> int:
 
     # an unrecognised folder raises DatasetError: medseg.cli prints it as one line and exits 2
     index = scan_dataset(args.dataset, collect_problems=True, resample_tilt=args.resample_tilt)
-    print(f"{index.root}: {index.layout} layout, {len(index.cases)} training case(s)"
+    emit(f"{index.root}: {index.layout} layout, {len(index.cases)} training case(s)"
           + (f", {len(index.test_cases)} test case(s)" if index.test_cases else ""))
     report = check_dataset(index, num_folds=args.folds, ignore_label=args.ignore_label)
-    print(report.format())
+    emit(report.format())
     return 0 if report.ok else 2

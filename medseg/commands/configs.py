@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import emit
+
 HELP = "list the built-in configs (use one with `medseg train DATASET_DIR -c NAME`)"
 
 
@@ -25,6 +27,6 @@ def run(args: argparse.Namespace) -> int:
     configs = builtin_configs()
     width = max((len(name) for name in configs), default=0)
     for name, path in configs.items():
-        print(f"{name:<{width}}  {describe_config(path)}")
-    print(f"(YAML files in {BUILTIN_CONFIG_DIR}; use one with: medseg train DATASET_DIR -c NAME)")
+        emit(f"{name:<{width}}  {describe_config(path)}")
+    emit(f"(YAML files in {BUILTIN_CONFIG_DIR}; use one with: medseg train DATASET_DIR -c NAME)")
     return 0

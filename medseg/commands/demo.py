@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 
+from medseg.commands import emit
+
 HELP = "train, segment and evaluate end to end on built-in synthetic data (a few minutes on CPU)"
 
 
@@ -29,26 +31,26 @@ def run(args: argparse.Namespace) -> int:
     result = run_demo(args.output, data=args.data, device=args.device, max_epochs=args.max_epochs, seed=args.seed)
     what = "synthetic phantoms (not patient data)" if result.synthetic else str(result.dataset_dir)
     total = sum(result.seconds.values())
-    print()
-    print(f"medseg demo finished in {total / 60:.1f} min on {what}")
-    print(f"  {'dataset':<11}{result.dataset_dir}")
-    print(f"  {'run':<11}{result.run_dir}   (config, plan, splits, metrics.csv, TensorBoard events)")
-    print(f"  {'model':<11}{result.model_dir}")
-    print(f"  {'scan':<11}{result.scan}")
+    emit()
+    emit(f"medseg demo finished in {total / 60:.1f} min on {what}")
+    emit(f"  {'dataset':<11}{result.dataset_dir}")
+    emit(f"  {'run':<11}{result.run_dir}   (config, plan, splits, metrics.csv, TensorBoard events)")
+    emit(f"  {'model':<11}{result.model_dir}")
+    emit(f"  {'scan':<11}{result.scan}")
     for kind in ("mask", "preview", "statistics"):
         if kind in result.outputs:
-            print(f"  {kind:<11}{result.outputs[kind]}")
-    print(f"  {'report':<11}{result.report_dir}")
-    print()
-    print("Held-out scan vs its reference:")
-    print(f"  {'class':<20} {'Dice':>6} {'HD95 (mm)':>10}")
+            emit(f"  {kind:<11}{result.outputs[kind]}")
+    emit(f"  {'report':<11}{result.report_dir}")
+    emit()
+    emit("Held-out scan vs its reference:")
+    emit(f"  {'class':<20} {'Dice':>6} {'HD95 (mm)':>10}")
     for name, dice in result.dice.items():
         hd95 = result.hd95_mm.get(name, float("nan"))
-        print(f"  {name:<20} {dice:>6.3f} {hd95:>10.2f}")
-    print()
-    print("Next:")
-    print(f"  medseg infer YOUR_SCAN.nii.gz -m {result.model_dir} -o out/ --preview --stats")
-    print(f"  medseg evaluate out/ REFERENCE_MASKS/ --labels {result.model_dir}")
-    print("  medseg check YOUR_DATASET/ && medseg train YOUR_DATASET/ --time-budget 25m")
-    print(f"  tensorboard --logdir {result.run_dir}")
+        emit(f"  {name:<20} {dice:>6.3f} {hd95:>10.2f}")
+    emit()
+    emit("Next:")
+    emit(f"  medseg infer YOUR_SCAN.nii.gz -m {result.model_dir} -o out/ --preview --stats")
+    emit(f"  medseg evaluate out/ REFERENCE_MASKS/ --labels {result.model_dir}")
+    emit("  medseg check YOUR_DATASET/ && medseg train YOUR_DATASET/ --time-budget 25m")
+    emit(f"  tensorboard --logdir {result.run_dir}")
     return 0

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.commands import emit
+
 HELP = "score predicted masks against reference masks (Dice, HD95, NSD, lesion-wise ...), in mm"
 
 
@@ -149,16 +151,16 @@ def run(args: argparse.Namespace) -> int:
         parallel="processes",  # safe here: the medseg command is the __main__ module the workers import
         anonymize=args.anonymize,
     )
-    print(report.format_table())
+    emit(report.format_table())
     for label, names in (
         ("predictions without reference (not scored)", report.predictions_without_reference),
         ("references without prediction", report.references_without_prediction),
     ):
         if names:
-            print(f"{label}: {len(names)}: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
+            emit(f"{label}: {len(names)}: {', '.join(names[:10])}{' ...' if len(names) > 10 else ''}")
     for path in (report.csv_path, report.summary_path, report.lesions_path):
         if path is not None:
-            print(f"wrote {path}")
+            emit(f"wrote {path}")
     return 0
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.commands import emit
+
 HELP = "export a model folder to TorchScript or ONNX (runnable without medseg)"
 
 
@@ -35,5 +37,5 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from medseg.inference.export import export_model
 
-    print(export_model(args.model_dir, args.output, format=args.format, overwrite=args.overwrite))
+    emit(export_model(args.model_dir, args.output, format=args.format, overwrite=args.overwrite))
     return 0

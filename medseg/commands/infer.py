@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medseg.commands import emit
 from medseg.commands._options import add_folds_argument
 from medseg.inference.backends import BACKENDS
 
@@ -203,14 +204,14 @@ def run(args: argparse.Namespace) -> int:
         formats=formats, dicom_seg_type=args.seg_type,
     )
     for row in result.written:
-        print(mask_path if mask_path is not None else out / row["outputs"]["mask"])
+        emit(mask_path if mask_path is not None else out / row["outputs"]["mask"])
     if result.skipped:
         log.info("%d case(s) already complete, skipped (--continue)", len(result.skipped))
     if result.manifest is not None:
         log.info("manifest: %s", result.manifest)
     if result.failed:
-        print(f"medseg infer: {len(result.failed)} of {len(result.rows)} case(s) failed:", file=sys.stderr)
+        emit(f"medseg infer: {len(result.failed)} of {len(result.rows)} case(s) failed:", file=sys.stderr)
         for row in result.failed:
-            print(f"  {row['case']}: {row['error']}", file=sys.stderr)
+            emit(f"  {row['case']}: {row['error']}", file=sys.stderr)
         return 1
     return 0

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from medseg.commands import emit
+
 if TYPE_CHECKING:
     from medseg.io.volume import Volume
 
@@ -33,13 +35,13 @@ def run(args: argparse.Namespace) -> int:
 
     if args.scan.is_dir():
         series = list_dicom_series(args.scan)
-        print(f"{args.scan}: {len(series)} DICOM series")
+        emit(f"{args.scan}: {len(series)} DICOM series")
         for one in series:
-            print(f"  {one.summary()}")
+            emit(f"  {one.summary()}")
         if len(series) > 1 and args.series_uid is None:
-            print("Pass --series-uid UID to show one series.")
+            emit("Pass --series-uid UID to show one series.")
             return 0
-    print(format_info(read_volume(args.scan, series_uid=args.series_uid, resample_tilt=args.resample_tilt)))
+    emit(format_info(read_volume(args.scan, series_uid=args.series_uid, resample_tilt=args.resample_tilt)))
     return 0
 
 

@@ -22,6 +22,7 @@ import os
 import shlex
 import sys
 
+from medseg.commands import emit
 from medseg.commands._options import add_folds_argument, parse_fold
 
 HELP = "train a model on a dataset folder"
@@ -116,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if result.status == "interrupted":
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"training stopped; resume with:\n  {resume_command(args, result.run_dir)}", file=sys.stderr)
+            emit(f"training stopped; resume with:\n  {resume_command(args, result.run_dir)}", file=sys.stderr)
         return 130
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"run folder: {result.run_dir}")
+        emit(f"run folder: {result.run_dir}")
         if result.model_dir is not None:
-            print(f"model: {result.model_dir}  (medseg infer -m {shlex.quote(str(result.model_dir))} SCAN)")
+            emit(f"model: {result.model_dir}  (medseg infer -m {shlex.quote(str(result.model_dir))} SCAN)")
     return 0
