@@ -135,6 +135,21 @@ def worker_medseg(args: argparse.Namespace) -> dict:
     }
 
 
+def _training_parts(cfg, plan):
+    """The network (seed 0), loss and SGD optimizer of the config, the same for every arm."""
+    import torch
+
+    from medseg.losses import build_loss
+    from medseg.models import create_model_from_plan
+
+    torch.manual_seed(0)
+    model = create_model_from_plan(cfg.model.name, plan, **cfg.model.options, deep_supervision=cfg.model.deep_supervision)
+    t = cfg.train
+    optimizer = torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum,
+                                weight_decay=t.weight_decay, nesterov=True)
+    return model, build_loss(cfg.loss, plan), optimizer
+
+
 def worker_monai(args: argparse.Namespace) -> dict:
     import torch
     from monai.data import CacheDataset, DataLoader
@@ -157,8 +172,6 @@ def worker_monai(args: argparse.Namespace) -> dict:
 
     from medseg.config import load_config
     from medseg.data.plan import load_plan
-    from medseg.losses import build_loss
-    from medseg.models import create_model_from_plan
 
     work = Path(args.work)
     cfg = load_config(args.config, _overrides(args))
@@ -192,12 +205,8 @@ def worker_monai(args: argparse.Namespace) -> dict:
     sampler = RandomSampler(dataset, replacement=True, num_samples=2 * steps)
     loader = DataLoader(dataset, batch_size=1, sampler=sampler, num_workers=args.workers,
                         persistent_workers=args.workers > 0)
-    torch.manual_seed(0)
-    model = create_model_from_plan(cfg.model.name, plan, **cfg.model.options, deep_supervision=cfg.model.deep_supervision)
-    loss_fn = build_loss(cfg.loss, plan)
+    model, loss_fn, optimizer = _training_parts(cfg, plan)
     t = cfg.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum,
-                                weight_decay=t.weight_decay, nesterov=True)
     model.train()
     data_s = compute_s = 0.0
     it = iter(loader)
@@ -238,8 +247,6 @@ def worker_plain(args: argparse.Namespace) -> dict:
 
     from medseg.config import load_config
     from medseg.data.plan import load_plan
-    from medseg.losses import build_loss
-    from medseg.models import create_model_from_plan
 
     variant = PLAIN_VARIANTS[args.worker]
     work = Path(args.work)
@@ -254,12 +261,8 @@ def worker_plain(args: argparse.Namespace) -> dict:
          torch.randint(0, plan.num_classes, (plan.batch_size, 1, *plan.patch_size), generator=gen))
         for _ in range(steps)
     ]
-    torch.manual_seed(0)
-    model = create_model_from_plan(cfg.model.name, plan, **cfg.model.options, deep_supervision=cfg.model.deep_supervision)
-    loss_fn = build_loss(cfg.loss, plan)
+    model, loss_fn, optimizer = _training_parts(cfg, plan)
     t = cfg.train
-    optimizer = torch.optim.SGD(model.parameters(), lr=t.learning_rate, momentum=t.momentum,
-                                weight_decay=t.weight_decay, nesterov=True)
     fmt = None
     if variant == "channels_last":
         fmt = torch.channels_last_3d if len(plan.patch_size) == 3 else torch.channels_last

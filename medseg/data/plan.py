@@ -559,7 +559,8 @@ def make_plan(
     if spatial_dims == 2 and data_dims == 3:
         sp = np.asarray(target)
         # thick slices: slice across the thick axis; otherwise axial slices (S axis)
-        slice_axis = thick_axis(sp) if thick_axis(sp) is not None else 2
+        thick = thick_axis(sp)
+        slice_axis = thick if thick is not None else 2
     if data.target_spacing is not None:
         pinned = [float(s) for s in data.target_spacing]
         if len(pinned) == data_dims:

@@ -531,8 +531,9 @@ def separate_axis_for(spacing: Sequence[float], target_spacing: Sequence[float])
     """The thick axis to resample separately (nnU-Net: spacing ratio > 3), else None."""
     for sp in (spacing, target_spacing):
         sp = np.asarray(sp, dtype=float)
-        if len(sp) == 3 and thick_axis(sp) is not None:
-            return thick_axis(sp)
+        axis = thick_axis(sp) if len(sp) == 3 else None
+        if axis is not None:
+            return axis
     return None
 
 
