@@ -8,7 +8,7 @@ Run::
     .venv/bin/python benchmarks/infer.py --model-dir RUN/fold_all/model   # another trained model folder
 
 Model: :func:`common.trained_ct_model` (``benchmarks/common.py``): the default
-3D U-Net trained with ``medseg train --time-budget 12m`` on the real abdominal
+3D U-Net trained with ``medseg train --time-budget 25m`` on the real abdominal
 CT of patient A (seven organs, TotalSegmentator labels), trained once and
 cached under ``benchmarks_output/``. Never a random or hand-made network.
 
