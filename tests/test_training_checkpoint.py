@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pytest
@@ -76,7 +77,8 @@ def val_cases() -> list[ValCase]:
     return cases
 
 
-def make_trainer(fold_dir: Path, *, max_epochs: int = 4, nan_at: int | None = None, **train) -> Trainer:
+def make_trainer(fold_dir: Path, *, max_epochs: int = 4, nan_at: int | None = None, net: type[nn.Module] = TinyNet,
+                 **train) -> Trainer:
     cfg = config_from_dict(
         {
             "train": {"max_epochs": max_epochs, "iterations_per_epoch": 3, "val_every": 2, "deterministic": True, **train},
@@ -88,7 +90,7 @@ def make_trainer(fold_dir: Path, *, max_epochs: int = 4, nan_at: int | None = No
     plan = tiny_plan(3)
     plan = type(plan)(**{**plan.__dict__, "patch_size": [PATCH] * 3})
     return Trainer(
-        model=TinyNet(),
+        model=net(),
         loss_fn=ce_loss,
         plan=plan,
         config=cfg,
@@ -289,6 +291,36 @@ def test_frozen_encoder_does_not_change_during_freeze_epochs(tmp_path):
     assert not torch.equal(trainer.model.head.weight, head_before)
     _run_epochs(trainer, 1)
     assert not torch.equal(trainer.model.encoder[0].weight, before)
+
+
+class TracedNet(TinyNet):
+    """TinyNet that notes each time torch.compile traces its forward."""
+
+    traced: ClassVar[list[int]] = []
+
+    def forward(self, x):
+        if torch.compiler.is_compiling():
+            TracedNet.traced.append(1)
+        return super().forward(x)
+
+
+def test_train_compile_runs_compiled_steps_with_the_weights_of_eager_steps(tmp_path):
+    eager = make_trainer(tmp_path / "eager", max_epochs=2)
+    eager.fit()
+    TracedNet.traced.clear()
+    torch._dynamo.reset()
+    compiled = make_trainer(tmp_path / "compiled", max_epochs=2, net=TracedNet, compile=True)
+    assert compiled.fit().status == "completed"
+    assert TracedNet.traced, "train.compile: true did not run the training step through torch.compile"
+    for key, value in eager.model.state_dict().items():  # the same steps, within fp32 tolerance
+        torch.testing.assert_close(compiled.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+    assert "_orig_mod" not in "".join(compiled.model.state_dict())  # checkpoints keep the plain keys
+
+
+def test_train_compile_without_a_cpu_compiler_is_refused_before_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no c++, g++ or clang++ to find
+    with pytest.raises(TrainingError, match=r"train.compile: true needs a C\+\+ compiler on CPU"):
+        make_trainer(tmp_path / "fold_0", compile=True)
 
 
 def test_checkpoint_survives_sigkill_during_repeated_saves(tmp_path):

@@ -42,6 +42,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import shutil
 import signal
 import threading
 import time
@@ -238,6 +239,13 @@ class Trainer:
         self.plan = plan
         self.config = config
         self.cfg = config.train
+        if self.cfg.compile and device.type == "cpu" and not any(
+            shutil.which(c) for c in ("c++", "g++", "clang++", "cl")
+        ):
+            raise TrainingError(
+                "train.compile: true needs a C++ compiler on CPU (torch.compile's inductor builds C++ kernels) "
+                "and none was found on PATH; install one (e.g. apt install g++) or set train.compile: false."
+            )
         self.fold_dir = Path(fold_dir)
         # training volume range per label (run's fingerprint.json; None outside a run), kept in model.json
         self.volume_ranges = fingerprint_volume_ranges(self.fold_dir / "model", plan)
@@ -260,7 +268,7 @@ class Trainer:
         self.checkpoint_path = self.fold_dir / CHECKPOINT_LAST
         self.class_names = list(plan.label_names[1:])
         self._frozen: bool | None = None
-        self._ddp: nn.Module | None = None
+        self._wrapped: nn.Module | None = None  # what training calls: DDP and/or torch.compile around model
         self._resume_rng: dict[str, Any] | None = None
         self.budget_s = parse_duration(self.cfg.time_budget)
         self._deadline: float | None = None  # perf_counter() after which no step starts
@@ -287,7 +295,11 @@ class Trainer:
         )
 
     def _network(self) -> nn.Module:
-        """The module to call in training (DDP wrapper under torchrun, rebuilt when freezing changes)."""
+        """The module to call in training: the model, in DDP under torchrun and compiled with ``train.compile``.
+
+        Rebuilt when encoder freezing changes (DDP and the compiled graph depend on which
+        parameters train). Validation and checkpoints use ``self.model`` itself.
+        """
         freeze = bool(self.encoder_names) and self.state.epoch < self.cfg.freeze_encoder_epochs
         if freeze != self._frozen:
             for name, p in self.model.named_parameters():
@@ -296,17 +308,22 @@ class Trainer:
             if self._frozen is not None or freeze:
                 log.info("encoder %s (%d tensors)", "frozen" if freeze else "unfrozen", len(self.encoder_names))
             self._frozen = freeze
-            self._ddp = None
-        if not self.dist.is_distributed:
-            return self.model
-        if self._ddp is None:
-            from torch.nn.parallel import DistributedDataParallel
+            self._wrapped = None
+        if self._wrapped is None:
+            network = self.model
+            if self.dist.is_distributed:
+                from torch.nn.parallel import DistributedDataParallel
 
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            # the U-Net's lowest deep-supervision head has loss weight 0: its parameters get no gradient
-            unused = bool(getattr(self.model, "deep_supervision", False))
-            self._ddp = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
-        return self._ddp
+                ids = [self.device.index] if self.device.type == "cuda" else None
+                # the U-Net's lowest deep-supervision head has loss weight 0: its parameters get no gradient
+                unused = bool(getattr(self.model, "deep_supervision", False))
+                network = DistributedDataParallel(self.model, device_ids=ids, find_unused_parameters=unused)
+            if self.cfg.compile:
+                import torch
+
+                network = torch.compile(network)
+            self._wrapped = network
+        return self._wrapped
 
     # ----------------------------------------------------------------- checkpoints
 
