@@ -30,7 +30,11 @@ every round and each one's fastest round counts:
 * ``medseg``: ``Segmenter.load(model).predict_many([scan], out)`` -- what
   ``medseg infer`` runs (read, preprocess as in training, sliding window with
   empty-window skipping, restore, write with geometry check, provenance).
-* ``medseg_noskip``: the same with ``skip_empty_windows=False``.
+  The network runs in PyTorch eager (``--backend torch``), the engine MONAI uses.
+* ``medseg_openvino``: the same through OpenVINO (``--backend openvino``), what
+  ``--backend auto`` picks with ``pip install 'medseg[cpu-fast]'``; its set-up
+  (export, compile, check) happens at load and is not timed, like model loading.
+* ``medseg_noskip``: the same as ``medseg`` with ``skip_empty_windows=False``.
 * ``monai_nocrop``: the MONAI pipeline below without ``CropForegroundd`` (windows
   over the whole image, as medseg lays them): separates the window layout from
   the other differences in the agreement.
@@ -73,7 +77,7 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-KINDS = ("medseg", "medseg_noskip", "monai", "monai_nocrop")
+KINDS = ("medseg", "medseg_openvino", "medseg_noskip", "monai", "monai_nocrop")
 CASES = ("dicom", "chest_C", "A_0.8mm")
 DERIVED_SPACING = (0.8, 0.8, 1.0)
 
@@ -118,10 +122,10 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
-def worker_medseg(scan: Path, model_dir: Path, out: Path, *, skip: bool) -> dict:
+def worker_medseg(scan: Path, model_dir: Path, out: Path, *, skip: bool, backend: str = "torch") -> dict:
     from medseg.inference.segmenter import Segmenter
 
-    seg = Segmenter.load(model_dir, device="cpu", tta="off", skip_empty_windows=skip)
+    seg = Segmenter.load(model_dir, device="cpu", tta="off", skip_empty_windows=skip, backend=backend)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     written = seg.predict_many([scan], out, overwrite=True, prefetch=False)[0]
@@ -133,7 +137,7 @@ def worker_medseg(scan: Path, model_dir: Path, out: Path, *, skip: bool) -> dict
         "windows_total": timings.get("windows", 0),
         "stages": {k: round(v, 2) for k, v in timings.items() if k.endswith("_s")},
         "peak_rss_mb": _peak_rss_mb(), "mask": str(written["mask"]),
-        "settings": {"overlap": seg.overlap, "batch_size": seg.batch_size},
+        "settings": {"overlap": seg.overlap, "batch_size": seg.batch_size, "backend": seg.backend},
     }
 
 
@@ -328,7 +332,8 @@ def main() -> int:
         if args.worker.startswith("monai"):
             res = worker_monai(args.scan, args.model_dir, args.out, crop=args.worker == "monai")
         else:
-            res = worker_medseg(args.scan, args.model_dir, args.out, skip=args.worker == "medseg")
+            res = worker_medseg(args.scan, args.model_dir, args.out, skip=args.worker != "medseg_noskip",
+                                backend="openvino" if args.worker == "medseg_openvino" else "torch")
         print(json.dumps(res))
         return 0
 
@@ -371,6 +376,7 @@ def main() -> int:
         ref = best["medseg"]["mask"]
         ms = np.asarray(nib.load(ref).dataobj)
         noskip = np.asarray(nib.load(best["medseg_noskip"]["mask"]).dataobj)
+        fast = np.asarray(nib.load(best["medseg_openvino"]["mask"]).dataobj)
         monai = _aligned(best["monai"]["mask"], ref)
         nocrop = _aligned(best["monai_nocrop"]["mask"], ref)
         body = _body(scan)
@@ -384,6 +390,7 @@ def main() -> int:
                 "vs_monai_nocrop": _dice(a, nocrop == value),
                 "vs_noskip": _dice(a, noskip == value),
                 "vs_noskip_body": _dice(a & body, (noskip == value) & body),
+                "vs_openvino": _dice(a, fast == value),
                 "voxels": int(np.count_nonzero(a)),
             }
         results[case] = {"scan": str(scan), "shape": list(ms.shape), "runs": best, "walls": walls, "dice": agree}
@@ -401,20 +408,20 @@ def main() -> int:
                   f"{100 * (1 - r['network_s'] / r['wall_s']):.0f}% | {r['windows']}/{r['windows_total']} | "
                   f"{r['peak_rss_mb']:.0f} |")
     print()
-    print("| scan | time medseg/MONAI | peak RSS medseg/MONAI | time medseg/no-skip |")
-    print("|---|---|---|---|")
+    print("| scan | time medseg/MONAI | time medseg openvino/MONAI | peak RSS medseg/MONAI | time medseg/no-skip |")
+    print("|---|---|---|---|---|")
     for case, res in results.items():
-        ms, ns, mo = (res["runs"][k] for k in ("medseg", "medseg_noskip", "monai"))
-        print(f"| {case} | {ms['wall_s'] / mo['wall_s']:.2f} | {ms['peak_rss_mb'] / mo['peak_rss_mb']:.2f} | "
-              f"{ms['wall_s'] / ns['wall_s']:.2f} |")
+        ms, fa, ns, mo = (res["runs"][k] for k in ("medseg", "medseg_openvino", "medseg_noskip", "monai"))
+        print(f"| {case} | {ms['wall_s'] / mo['wall_s']:.2f} | {fa['wall_s'] / mo['wall_s']:.2f} | "
+              f"{ms['peak_rss_mb'] / mo['peak_rss_mb']:.2f} | {ms['wall_s'] / ns['wall_s']:.2f} |")
     print()
     print("Dice of medseg's mask vs MONAI's | vs MONAI's without CropForegroundd | vs medseg without skipping "
-          "(whole image) | same, inside the body ('-': class absent from both)")
+          "(whole image) | same, inside the body | vs medseg through OpenVINO ('-': class absent from both)")
     print("| scan | " + " | ".join(name for _, name in classes) + " |")
     print("|---|" + "---|" * len(classes))
     for case, res in results.items():
         cells = [f"{_fmt(d['vs_monai'])} / {_fmt(d['vs_monai_nocrop'])} / {_fmt(d['vs_noskip'])} / "
-                 f"{_fmt(d['vs_noskip_body'])}"
+                 f"{_fmt(d['vs_noskip_body'])} / {_fmt(d['vs_openvino'])}"
                  for d in res["dice"].values()]
         print(f"| {case} | " + " | ".join(cells) + " |")
     print()
