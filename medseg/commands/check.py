@@ -38,12 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.data import check_dataset, scan_dataset
+    from medseg.api import check_dataset
 
     # an unrecognised folder raises DatasetError: medseg.cli prints it as one line and exits 2
-    index = scan_dataset(args.dataset, collect_problems=True, resample_tilt=args.resample_tilt)
-    emit(f"{index.root}: {index.layout} layout, {len(index.cases)} training case(s)"
-          + (f", {len(index.test_cases)} test case(s)" if index.test_cases else ""))
-    report = check_dataset(index, num_folds=args.folds, ignore_label=args.ignore_label)
+    report = check_dataset(args.dataset, num_folds=args.folds, ignore_label=args.ignore_label,
+                           resample_tilt=args.resample_tilt)
+    emit(report.header())
     emit(report.format())
     return 0 if report.ok else 2

@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.inference.export import export_model
+    from medseg.api import export_model
 
     emit(export_model(args.model_dir, args.output, format=args.format, overwrite=args.overwrite))
     return 0

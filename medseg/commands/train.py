@@ -104,11 +104,12 @@ def resume_command(args: argparse.Namespace, run_dir: object) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from medseg.training.run import train
+    from medseg.api import train
 
     result = train(
         args.dataset,
         args.config,
+        verbose=False,  # medseg.cli has set up the progress lines
         output_dir=args.output,
         folds=args.folds,
         resume=args.resume,

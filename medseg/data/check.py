@@ -72,9 +72,14 @@ class CheckReport:
         warnings: findings worth knowing (empty labels, absent classes).
         cases_checked: number of cases read.
         observed_label_values: label values found in the label files.
+        layout: the dataset layout found (``msd``, ``nnunet``, ``plain``, ``list``, ...).
+        training_cases, test_cases: cases listed for training, and test images.
     """
 
     root: Path
+    layout: str = ""
+    training_cases: int = 0
+    test_cases: int = 0
     problems: list[Finding] = field(default_factory=list)
     warnings: list[Finding] = field(default_factory=list)
     cases_checked: int = 0
@@ -83,6 +88,11 @@ class CheckReport:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+    def header(self) -> str:
+        """What was found, e.g. ``/data/Liver: msd layout, 131 training case(s), 70 test case(s)``."""
+        tests = f", {self.test_cases} test case(s)" if self.test_cases else ""
+        return f"{self.root}: {self.layout} layout, {self.training_cases} training case(s){tests}"
 
     def summary(self) -> str:
         """One line, e.g. ``2 problems in /data/Liver (checked 131 cases): run `medseg check ...` to list them``."""
@@ -137,7 +147,8 @@ def check_dataset(index: DatasetIndex, *, num_folds: int | None = 5, ignore_labe
     Returns:
         The :class:`CheckReport`; call ``report.raise_if_problems()`` to stop on problems.
     """
-    report = CheckReport(root=index.root)
+    report = CheckReport(root=index.root, layout=index.layout, training_cases=len(index.cases),
+                         test_cases=len(index.test_cases))
     # entries refused while listing (scan_dataset(..., collect_problems=True)): reported with the rest
     report.problems.extend(Finding(message.replace(str(index.root) + "/", "")) for message in index.problems)
     if not index.cases:
