@@ -152,8 +152,9 @@ def test_restore_resamples_only_around_computed_scores_with_the_same_result(tmp_
     import torch
 
     from medseg.data.preprocess import restore_mask
-    from medseg.inference.restore import argmax_channels, informative_box, resample_slabs
+    from medseg.inference.restore import argmax_channels, informative_box
     from medseg.inference.sliding_window import BACKGROUND_MARGIN
+    from medseg.spatial import resample_slabs
 
     _sphere_scan(tmp_path / "scan.nii.gz", "PIR")
     case = preprocess_case(read_volume(tmp_path / "scan.nii.gz"), make_plan(num_classes=3))

@@ -19,9 +19,9 @@ import numpy as np
 
 from medseg.data.folders import DatasetIndex, read_case
 from medseg.data.plan import modality_of
-from medseg.data.preprocess import nonzero_bbox, orientation_transform, reorient
 from medseg.errors import ConfigError, DatasetError, GeometryError, ScanReadError
 from medseg.records import check_record, field_problems
+from medseg.spatial import nonzero_bbox, orientation_transform, reorient
 
 __all__ = ["FINGERPRINT_FORMAT_VERSION", "SAMPLES_PER_CASE", "Fingerprint", "compute_fingerprint", "modality_of"]
 

@@ -26,15 +26,17 @@
    is part of the on-disk cache key, so caches made with the old rule are
    not reused.
 
-The :class:`PreprocessRecord` holds everything needed to map a prediction on
-the plan grid back onto the original scan, in reverse order:
+Every grid operation (and its inverse) is :mod:`medseg.spatial`'s; this module
+chooses the steps from the plan and records them. The :class:`PreprocessRecord`
+holds everything needed to map a prediction on the plan grid back onto the
+original scan, in reverse order (:func:`medseg.inference.restore.restore_prediction`):
 
 1. resample from ``record.final_geometry.shape`` back to
-   ``record.shape_after_crop`` (:func:`resample_array`, logits: order 1);
-2. un-crop into ``record.shape_after_orient`` at ``record.crop_bbox``
-   (:func:`uncrop`; background outside);
-3. un-orient with ``record.ornt`` (:func:`unorient`), giving the original
-   voxel order and ``record.original_geometry``.
+   ``record.shape_after_crop`` (:func:`medseg.spatial.resample_slabs`, logits: linear);
+2. un-crop into ``record.shape_after_orient`` at ``record.crop_bbox`` and
+3. un-orient with ``record.ornt``, giving the original voxel order and
+   ``record.original_geometry``: both by writing through
+   :func:`medseg.spatial.cropped_view` of an array on the scan's grid.
 
 :func:`restore_mask` does steps 2-3 for an integer mask exactly.
 """
@@ -52,7 +54,20 @@ from medseg.data.plan import ChannelNorm, Plan
 from medseg.errors import DatasetError, GeometryError
 from medseg.io.geometry import Geometry
 from medseg.io.volume import Volume
-from medseg.spatial import thick_axis
+from medseg.spatial import (
+    crop,
+    crop_affine,
+    cropped_view,
+    nonzero_bbox,
+    orientation_affine,
+    orientation_transform,
+    reorient,
+    reoriented_view,
+    resample_array,
+    resample_axis,
+    resampling_affine,
+    separate_axis_for,
+)
 
 __all__ = [
     "IMAGE_ORDER",
@@ -60,15 +75,9 @@ __all__ = [
     "PreprocessRecord",
     "PreprocessedCase",
     "class_indices",
-    "nonzero_bbox",
     "normalize",
-    "orientation_transform",
     "preprocess_case",
-    "reorient",
-    "resample_array",
     "restore_mask",
-    "uncrop",
-    "unorient",
 ]
 
 PREPROCESS_VERSION = 2
@@ -156,95 +165,11 @@ class PreprocessedCase:
     record: PreprocessRecord
 
 
-# --------------------------------------------------------------------------- orientation
-
-
-def orientation_transform(affine: np.ndarray, target: str = "RAS") -> np.ndarray:
-    """nibabel ornt transform taking the affine's voxel axes to the closest ``target`` axes."""
-    import nibabel as nib
-
-    start = nib.orientations.io_orientation(np.asarray(affine))
-    end = nib.orientations.axcodes2ornt(tuple(target))
-    return nib.orientations.ornt_transform(start, end).astype(int)
-
-
-def reorient(array: np.ndarray, ornt: np.ndarray | Sequence[Sequence[int]]) -> np.ndarray:
-    """Apply an ornt transform to the spatial axes of a channel-first array (exact)."""
-    import nibabel as nib
-
-    ornt = np.asarray(ornt)
-    moved = np.moveaxis(array, 0, -1)
-    return np.ascontiguousarray(np.moveaxis(nib.orientations.apply_orientation(moved, ornt), -1, 0))
-
-
-def _reoriented_view(array: np.ndarray, ornt: np.ndarray) -> np.ndarray:
-    """:func:`reorient` without the copy: a strided view (flips and transposes only)."""
-    import nibabel as nib
-
-    moved = np.moveaxis(array, 0, -1)
-    return np.moveaxis(nib.orientations.apply_orientation(moved, np.asarray(ornt)), -1, 0)
-
-
-def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
-    """The ornt transform that undoes ``ornt``.
-
-    ``apply_orientation`` flips input axis ``i`` when ``ornt[i, 1] == -1`` and
-    moves it to output axis ``ornt[i, 0]``; the inverse moves output axis
-    ``ornt[i, 0]`` back to ``i`` with the same flip.
-    """
-    ornt = np.asarray(ornt).astype(int)
-    inverse = np.zeros_like(ornt)
-    for i, (target, flip) in enumerate(ornt):
-        inverse[target] = [i, flip]
-    return inverse
-
-
-def unorient(array: np.ndarray, record: PreprocessRecord) -> np.ndarray:
-    """Undo the re-orientation of a channel-first array (exact: permute and flip)."""
-    if len(record.ornt) == 0:
-        return array
-    return reorient(array, _inverse_ornt(np.asarray(record.ornt)))
-
-
-# --------------------------------------------------------------------------- crop
-
-
-def nonzero_bbox(image: np.ndarray) -> list[list[int]]:
-    """Half-open bounding box ``[[start, stop], ...]`` of voxels non-zero in any channel.
-
-    An all-zero image gives the full extent.
-    """
-    mask = np.any(image != 0, axis=0)
-    bbox = []
-    for axis in range(mask.ndim):
-        other = tuple(a for a in range(mask.ndim) if a != axis)
-        hit = np.flatnonzero(np.any(mask, axis=other))
-        bbox.append([int(hit[0]), int(hit[-1]) + 1] if hit.size else [0, int(mask.shape[axis])])
-    return bbox
-
-
-def _crop(array: np.ndarray, bbox: list[list[int]]) -> np.ndarray:
-    return array[(slice(None), *(slice(a, b) for a, b in bbox))]
-
-
-def uncrop(array: np.ndarray, record: PreprocessRecord, *, fill: float = 0) -> np.ndarray:
-    """Paste a channel-first array of ``record.shape_after_crop`` back into ``shape_after_orient``.
-
-    Voxels outside the crop get ``fill`` (0: background for masks; for
-    probabilities pass a per-channel fill by calling this per channel).
-    """
-    if tuple(array.shape[1:]) != tuple(record.shape_after_crop):
-        raise GeometryError(
-            f"uncrop: array spatial shape {tuple(array.shape[1:])} != the cropped shape {record.shape_after_crop}; "
-            "resample back to record.shape_after_crop first."
-        )
-    out = np.full((array.shape[0], *record.shape_after_orient), fill, dtype=array.dtype)
-    out[(slice(None), *(slice(a, b) for a, b in record.crop_bbox))] = array
-    return out
-
-
 def restore_mask(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """Exactly undo crop and re-orientation of an integer mask on the cropped grid.
+
+    The mask is written through :func:`medseg.spatial.cropped_view` of zeros on the
+    original grid (background outside the crop box), as restoring a prediction does.
 
     Args:
         mask: ``(*shape_after_crop)`` or ``(1, *shape_after_crop)`` integer mask
@@ -257,15 +182,18 @@ def restore_mask(mask: np.ndarray, record: PreprocessRecord) -> np.ndarray:
     """
     had_channel = mask.ndim == len(record.shape_after_crop) + 1
     arr = mask if had_channel else mask[np.newaxis]
-    out = unorient(uncrop(arr, record, fill=0), record)
-    if tuple(out.shape[1:]) != tuple(record.original_geometry.shape):
+    if tuple(arr.shape[1:]) != tuple(record.shape_after_crop):
         raise GeometryError(
-            f"restored mask shape {tuple(out.shape[1:])} != original {record.original_geometry.shape}."
+            f"restore_mask: mask spatial shape {tuple(arr.shape[1:])} != the cropped shape "
+            f"{record.shape_after_crop}; resample back to record.shape_after_crop first."
         )
+    out = np.zeros((arr.shape[0], *record.original_geometry.shape), dtype=arr.dtype)
+    cropped_view(out, ornt=record.ornt, crop_bbox=record.crop_bbox,
+                 shape_after_orient=record.shape_after_orient)[...] = arr
     return out if had_channel else out[0]
 
 
-# --------------------------------------------------------------------------- normalise
+# --------------------------------------------------------------------------- normalise and resample
 
 
 def normalize(image: np.ndarray, norms: Sequence[ChannelNorm]) -> tuple[np.ndarray, list[dict[str, float]]]:
@@ -308,159 +236,6 @@ def normalize(image: np.ndarray, norms: Sequence[ChannelNorm]) -> tuple[np.ndarr
             out[c] = x
             stats.append({})
     return out, stats
-
-
-# --------------------------------------------------------------------------- resample
-
-
-def resample_array(
-    array: np.ndarray,
-    new_shape: Sequence[int],
-    *,
-    order: int,
-    separate_axis: int | None = None,
-    order_separate: int = 0,
-) -> np.ndarray:
-    """Resample the spatial axes of a channel-first array to ``new_shape``, keeping the field of view.
-
-    Voxel ``j`` of the output samples input position ``(j + 0.5) * old / new - 0.5``
-    (outer voxel edges coincide; ``scipy.ndimage.zoom(grid_mode=True)``), with
-    the edge value repeated beyond the first/last voxel centre.
-
-    Orders 0 and 1 (nearest, linear) run in float32 with torch
-    (``F.interpolate(align_corners=False)`` has exactly this grid convention;
-    nearest rounds ``(j + 0.5) * old / new - 0.5``), multi-threaded and with
-    no float64 copy; higher orders use ``scipy.ndimage.zoom`` (spline prefilter).
-
-    Args:
-        array: ``(C, *spatial)``.
-        new_shape: target spatial shape.
-        order: interpolation order on the (other) axes: 1 images, logits, one-hot.
-        separate_axis: resample this axis on its own with ``order_separate``
-            (thick slices, nnU-Net's separate-z).
-        order_separate: interpolation order along ``separate_axis``.
-    """
-    old = tuple(array.shape[1:])
-    new_shape = tuple(int(s) for s in new_shape)
-    if old == new_shape:
-        return array.copy()
-    out_dtype = array.dtype if np.issubdtype(array.dtype, np.floating) else np.float32
-    if order in (0, 1) and order_separate in (0, 1) and len(old) in (2, 3):
-        y = _resample_torch(array, new_shape, order, separate_axis, order_separate)
-    else:
-        y = _resample_scipy(array, new_shape, order, separate_axis, order_separate)
-    if tuple(y.shape[1:]) != new_shape:  # pragma: no cover - both paths produce the exact shape
-        raise GeometryError(f"resampling produced {y.shape[1:]}, expected {new_shape}.")
-    return y.astype(out_dtype, copy=False)
-
-
-_TORCH_MODES = {(0, 1): "nearest-exact", (0, 2): "nearest-exact", (0, 3): "nearest-exact",
-                (1, 1): "linear", (1, 2): "bilinear", (1, 3): "trilinear"}
-
-#: Most float32 values per chunk when resampling thick slices separately (64 MiB).
-_CHUNK_ELEMENTS = 1 << 24
-
-
-def _resample_torch(array: np.ndarray, new_shape: tuple[int, ...], order: int, separate_axis: int | None,
-                    order_separate: int) -> np.ndarray:
-    import torch
-
-    arr = np.asarray(array, dtype=np.float32)
-    # interpolate the spatial axes in memory order (every mode here is separable per axis, so a
-    # transposed view gives the same values) instead of copying a Fortran-ordered scan
-    perm = sorted(range(arr.ndim - 1), key=lambda a: -abs(arr.strides[1 + a]))
-    view = np.ascontiguousarray(np.transpose(arr, (0, *[1 + p for p in perm])))
-    inverse = [perm.index(a) for a in range(len(perm))]
-    y = _resample_torch_contiguous(
-        torch.from_numpy(view), tuple(new_shape[p] for p in perm), order,
-        None if separate_axis is None else perm.index(separate_axis), order_separate,
-    )
-    return y.permute(0, *[1 + i for i in inverse]).numpy()
-
-
-def _resample_torch_contiguous(x, new_shape: tuple[int, ...], order: int, separate_axis: int | None,
-                               order_separate: int):
-    import torch
-    import torch.nn.functional as F
-
-    old = tuple(x.shape[1:])
-    with torch.inference_mode():
-        if separate_axis is None or old[separate_axis] == new_shape[separate_axis]:
-            if separate_axis is not None:  # only the in-plane axes change
-                return _resample_planes(x, new_shape, order, separate_axis)
-            mode = _TORCH_MODES[(order, len(old))]
-            kwargs = {} if mode.startswith("nearest") else {"align_corners": False}
-            return F.interpolate(x[None], size=new_shape, mode=mode, **kwargs)[0]
-        planes = _resample_planes(x, tuple(n if a != separate_axis else old[a] for a, n in enumerate(new_shape)),
-                                  order, separate_axis)
-        return _resample_one_axis(planes, 1 + separate_axis, new_shape[separate_axis], order_separate)
-
-
-def _resample_planes(x, new_shape: tuple[int, ...], order: int, axis: int):
-    """Resample every axis but ``axis`` (kept) of a ``(C, *spatial)`` tensor, chunked along ``axis``."""
-    import torch
-    import torch.nn.functional as F
-
-    old = tuple(x.shape[1:])
-    rest = tuple(n for a, n in enumerate(new_shape) if a != axis)
-    if rest == tuple(n for a, n in enumerate(old) if a != axis):
-        return x
-    mode = _TORCH_MODES[(order, len(rest))]
-    kwargs = {} if mode.startswith("nearest") else {"align_corners": False}
-    out = torch.empty((x.shape[0], *new_shape), dtype=torch.float32)
-    per_plane = x.shape[0] * max(math.prod(old) // old[axis], math.prod(rest))
-    step = max(1, _CHUNK_ELEMENTS // max(per_plane, 1))
-    for s0 in range(0, old[axis], step):
-        n = min(step, old[axis] - s0)
-        chunk = x.narrow(1 + axis, s0, n).movedim(1 + axis, 0).contiguous()  # (n, C, *rest)
-        res = F.interpolate(chunk, size=rest, mode=mode, **kwargs)
-        out.narrow(1 + axis, s0, n).copy_(res.movedim(0, 1 + axis))
-    return out
-
-
-def _resample_one_axis(x, dim: int, n_out: int, order: int):
-    """Nearest (order 0) or linear (order 1) resampling of one axis, grid convention as above."""
-    import torch
-
-    n_src = x.shape[dim]
-    src = (torch.arange(n_out, dtype=torch.float64) + 0.5) * (n_src / n_out) - 0.5
-    if order == 0:
-        idx = torch.floor(src + 0.5).clamp_(0, n_src - 1).long()
-        return x.index_select(dim, idx)
-    src = src.clamp(min=0.0)
-    i0 = torch.floor(src).long().clamp_(0, n_src - 1)
-    i1 = (i0 + 1).clamp_(max=n_src - 1)
-    shape = [1] * x.ndim
-    shape[dim] = -1
-    w = (src - i0.double()).clamp_(0.0, 1.0).float().view(shape)
-    a = x.index_select(dim, i0)
-    return a.add_(x.index_select(dim, i1).sub_(a).mul_(w))
-
-
-def _resample_scipy(array: np.ndarray, new_shape: tuple[int, ...], order: int, separate_axis: int | None,
-                    order_separate: int) -> np.ndarray:
-    from scipy import ndimage
-
-    old = tuple(array.shape[1:])
-    result = []
-    for channel in array:
-        x = channel.astype(np.float32, copy=False)
-        if separate_axis is None:
-            zoom = [n / o for n, o in zip(new_shape, old)]
-            y = ndimage.zoom(x, zoom, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
-        else:
-            first = [1.0 if a == separate_axis else n / o for a, (n, o) in enumerate(zip(new_shape, old))]
-            y = x
-            if any(f != 1.0 for f in first):
-                y = ndimage.zoom(y, first, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
-            second = [new_shape[a] / old[a] if a == separate_axis else 1.0 for a in range(len(old))]
-            if second[separate_axis] != 1.0:
-                y = ndimage.zoom(y, second, order=order_separate, mode="nearest", grid_mode=True,
-                                 prefilter=order_separate > 1)
-        if y.shape != new_shape:  # zoom rounds; enforce the exact shape
-            raise GeometryError(f"resampling produced {y.shape}, expected {new_shape}.")
-        result.append(y)
-    return np.stack(result)
 
 
 def _normalize_and_resample(
@@ -509,7 +284,7 @@ def _normalize_and_resample(
                 chunk = F.interpolate(chunk, size=rest_new, mode="bilinear", align_corners=False)
             planes.narrow(1 + slow, r0, chunk.shape[0]).permute(order).copy_(chunk)
         if new_shape[slow] != old[slow]:
-            planes = _resample_one_axis(planes, 1 + slow, new_shape[slow], 0 if separate is not None else 1)
+            planes = resample_axis(planes, 1 + slow, new_shape[slow], linear=separate is None)
     return planes.numpy(), stats
 
 
@@ -525,16 +300,6 @@ def _resample_labels(label: np.ndarray, new_shape: Sequence[int], separate_axis:
         best[better] = resampled[better]
         out[better] = value
     return out[np.newaxis]
-
-
-def separate_axis_for(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
-    """The thick axis to resample separately (nnU-Net: spacing ratio > 3), else None."""
-    for sp in (spacing, target_spacing):
-        sp = np.asarray(sp, dtype=float)
-        axis = thick_axis(sp) if len(sp) == 3 else None
-        if axis is not None:
-            return axis
-    return None
 
 
 # --------------------------------------------------------------------------- labels
@@ -582,12 +347,6 @@ def class_indices(
 # --------------------------------------------------------------------------- the pipeline
 
 
-def _oriented_affine(affine: np.ndarray, ornt: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    import nibabel as nib
-
-    return np.asarray(affine) @ nib.orientations.inv_ornt_aff(np.asarray(ornt), tuple(shape))
-
-
 def preprocess_case(volume: Volume, plan: Plan, *, label: np.ndarray | None = None) -> PreprocessedCase:
     """Bring a scan (and optionally its label map) onto the plan grid.
 
@@ -627,9 +386,9 @@ def preprocess_case(volume: Volume, plan: Plan, *, label: np.ndarray | None = No
     # 1. re-orient (permute/flip only)
     if volume.spatial_dims == 3:
         ornt = orientation_transform(geometry.affine, plan.orientation)
-        image = _reoriented_view(image, ornt)  # normalisation below makes the contiguous copy
+        image = reoriented_view(image, ornt)  # normalisation below makes the contiguous copy
         label = reorient(label, ornt) if label is not None else None
-        affine = _oriented_affine(geometry.affine, ornt, geometry.shape)
+        affine = np.asarray(geometry.affine) @ orientation_affine(ornt, geometry.shape)
     else:
         ornt = np.column_stack([np.arange(2), np.ones(2)]).astype(int)
         affine = geometry.affine
@@ -639,11 +398,9 @@ def preprocess_case(volume: Volume, plan: Plan, *, label: np.ndarray | None = No
         bbox = nonzero_bbox(image)
     else:
         bbox = [[0, s] for s in shape_after_orient]
-    image = _crop(image, bbox)
-    label = _crop(label, bbox) if label is not None else None
-    shift = np.eye(4)
-    shift[: len(bbox), 3] = [b[0] for b in bbox]
-    affine = affine @ shift
+    image = crop(image, bbox)
+    label = crop(label, bbox) if label is not None else None
+    affine = affine @ crop_affine(bbox)
     shape_after_crop = tuple(image.shape[1:])
     spacing = tuple(float(s) for s in np.linalg.norm(affine[:3, :3], axis=0)[: len(shape_after_crop)])
     # 3. normalise and 4. resample (fused plane by plane when the normalisation is pointwise)
@@ -659,12 +416,7 @@ def preprocess_case(volume: Volume, plan: Plan, *, label: np.ndarray | None = No
             image = resample_array(image, new_shape, order=IMAGE_ORDER, separate_axis=separate, order_separate=0)
     if new_shape != shape_after_crop and label is not None:
         label = _resample_labels(label, new_shape, separate)
-    scale = np.eye(4)
-    factors = [o / n for o, n in zip(shape_after_crop, new_shape)]
-    for a, f in enumerate(factors):
-        scale[a, a] = f
-        scale[a, 3] = 0.5 * f - 0.5
-    final_affine = affine @ scale
+    final_affine = affine @ resampling_affine(shape_after_crop, new_shape)
     final_geometry = geometry.with_shape_and_affine(new_shape, final_affine)
     record = PreprocessRecord(
         original_geometry=geometry,

@@ -8,7 +8,7 @@ that gives every structure's volume in mL below. Rules:
   (the patient's right on the viewer's left; anterior up in the axial panel,
   superior up in the others, anterior on the left in the sagittal panel). Each
   array axis is mapped to the closest patient axis of the affine
-  (:func:`medseg.data.preprocess.orientation_transform`) and each panel is
+  (:func:`medseg.spatial.orientation_transform`) and each panel is
   only transposed and flipped (:func:`plane_layout`), never resampled; the
   letters R/L, A/P, S/I at the panel edges come from the same mapping.
 - **True aspect**: pixels are drawn with their spacing in mm. A series thinner
@@ -50,6 +50,7 @@ import numpy as np
 
 from medseg.io.atomic import write_bytes_atomic
 from medseg.io.geometry import Geometry
+from medseg.spatial import orientation_transform
 
 __all__ = [
     "CT_WINDOW",
@@ -154,8 +155,6 @@ def plane_layout(axes: tuple[tuple[int, int], tuple[int, int]]) -> PlaneLayout:
 
 def _ornt(geometry: Geometry) -> np.ndarray:
     """``(spatial_dims, 2)``: each array axis's closest RAS axis and direction (+1 / -1)."""
-    from medseg.data.preprocess import orientation_transform
-
     return orientation_transform(geometry.affine, "RAS")[: geometry.spatial_dims].astype(int)
 
 

@@ -1,6 +1,6 @@
-"""Rules about voxel grids that planning, preprocessing, augmentation and models share.
+"""The thick-slice rule that planning, preprocessing, augmentation and models share.
 
-One owner for each rule, so that the planner, the resampler and the networks agree on
+One owner for the rule, so that the planner, the resampler and the networks agree on
 what a thick-slice (anisotropic) scan is.
 """
 
@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["ANISOTROPY_THRESHOLD", "thick_axis"]
+__all__ = ["ANISOTROPY_THRESHOLD", "separate_axis_for", "thick_axis"]
 
 #: An axis more than this many times coarser than the finest one is a thick-slice axis
 #: (nnU-Net's ``ANISO_THRESHOLD``): resampled on its own, never rotated about another
@@ -33,3 +33,13 @@ def thick_axis(spacing: Sequence[float]) -> int | None:
         return None
     axis = int(np.argmax(sp))
     return axis if sp[axis] > ANISOTROPY_THRESHOLD * sp.min() else None
+
+
+def separate_axis_for(spacing: Sequence[float], target_spacing: Sequence[float]) -> int | None:
+    """The thick axis to resample separately (nnU-Net: spacing ratio > 3), else None."""
+    for sp in (spacing, target_spacing):
+        sp = np.asarray(sp, dtype=float)
+        axis = thick_axis(sp) if len(sp) == 3 else None
+        if axis is not None:
+            return axis
+    return None
