@@ -115,7 +115,7 @@ def main() -> int:
     logit_diff: dict[tuple[str, str], float] = {}
     logit_max: dict[str, float] = {}
     for case, path in cases.items():
-        prepared = segmenters["torch"]._prepare(path, None)
+        prepared = segmenters["torch"].prepare(path)
         image = prepared.case.image
         reference, _ = segmenters["torch"].predict_scores(image)
         logit_max[case] = float(reference.float().abs().max())

@@ -137,7 +137,7 @@ def worker_medseg(scan: Path, model_dir: Path, out: Path, *, skip: bool, backend
         "windows_total": timings.get("windows", 0),
         "stages": {k: round(v, 2) for k, v in timings.items() if k.endswith("_s")},
         "peak_rss_mb": _peak_rss_mb(), "mask": str(written["mask"]),
-        "settings": {"overlap": seg.overlap, "batch_size": seg.batch_size, "backend": seg.backend},
+        "settings": {"overlap": seg.window.overlap, "batch_size": seg.window.batch_size, "backend": seg.backend},
     }
 
 
@@ -161,7 +161,7 @@ def worker_monai(scan: Path, model_dir: Path, out: Path, *, crop: bool = True) -
 
     seg = Segmenter.load(model_dir, device="cpu", tta="off")  # the model folder's network, overlap and batch
     net, plan = seg.models[0].model.eval(), seg.plan
-    overlap, batch = seg.overlap, seg.batch_size
+    overlap, batch = seg.window.overlap, seg.window.batch_size
     norm = plan.normalization[0]
     lo, hi = norm.clip
     b_lo, b_hi = (lo - norm.mean) / norm.std, (hi - norm.mean) / norm.std
@@ -348,7 +348,7 @@ def main() -> int:
     plan = seg.plan
     classes = list(zip(plan.label_values[1:], plan.label_names[1:]))
     print(f"model: {model_dir} ({seg.models[0].model_name}, patch {plan.patch_size}, spacing "
-          f"{plan.target_spacing} mm, {len(classes)} classes; overlap {seg.overlap}, batch {seg.batch_size}, "
+          f"{plan.target_spacing} mm, {len(classes)} classes; overlap {seg.window.overlap}, batch {seg.window.batch_size}, "
           f"TTA off); torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs")
     del seg
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]

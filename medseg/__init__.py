@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from medseg._lazy import lazy_exports
-from medseg.api import EXPORTS, FUNCTIONS, check_dataset, console_progress, train
+from medseg.api import EXPORTS, FUNCTIONS, check_dataset, console_progress, infer, train
 from medseg.version import __version__
 
 if TYPE_CHECKING:
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
         Config,
         Geometry,
         MedsegError,
+        OutputSpec,
         Prediction,
         Run,
         Segmenter,
@@ -38,6 +39,7 @@ __all__ = [
     "Config",
     "Geometry",
     "MedsegError",
+    "OutputSpec",
     "Prediction",
     "Run",
     "Segmenter",
@@ -48,6 +50,7 @@ __all__ = [
     "create_model",
     "evaluate",
     "export_model",
+    "infer",
     "list_models",
     "load_config",
     "read_volume",

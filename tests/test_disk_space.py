@@ -26,7 +26,9 @@ from inference_support import make_plan, one_error_line, save_model
 
 from medseg.cli import main
 from medseg.errors import OutputWriteError
-from medseg.inference.segmenter import Segmenter, collect_inputs, plan_outputs
+from medseg.inference.jobs import collect_inputs
+from medseg.inference.outputs import OutputSpec, check_output_space, output_bytes
+from medseg.inference.segmenter import Segmenter
 from medseg.io.atomic import atomic_path
 from medseg.io.writers import check_free_space, write_mask, write_volume
 
@@ -91,17 +93,17 @@ def test_segmenter_job_refuses_before_computing_and_counts_pending_writes(tmp_pa
         seg.predict_many([scan], tmp_path / "out")
     assert not (tmp_path / "out").exists()
     # the per-case check before the network adds the outputs still being written
-    paths = plan_outputs(collect_inputs([_scan(tmp_path / "small.nii.gz")]), tmp_path / "out")[0]
-    seg.check_free_space(paths, SHAPE)
+    paths = OutputSpec(tmp_path / "out").plan(collect_inputs([_scan(tmp_path / "small.nii.gz")]))[0]
+    check_output_space(paths, SHAPE, seg.plan)
     with pytest.raises(OutputWriteError, match=r"plus [\d.]+ TiB of earlier outputs still being written\) need up to [\d.]+ TiB"):
-        seg.check_free_space(paths, SHAPE, pending=free + TIB)
+        check_output_space(paths, SHAPE, seg.plan, pending=free + TIB)
 
 
 def test_output_size_bounds_hold_for_incompressible_outputs(tmp_path, model, rng):
     scan = _scan(tmp_path / "scan.nii.gz")
     seg = Segmenter.load(model, device="cpu")
     written = seg.predict_many([scan], tmp_path / "out", probabilities=True, statistics=True, preview=True)[0]
-    bounds = seg.output_bytes(written, SHAPE)
+    bounds = output_bytes(written, SHAPE, seg.plan)
     assert set(bounds) == set(written)
     for kind, path in written.items():
         assert path.stat().st_size <= bounds[kind], kind

@@ -26,7 +26,12 @@ import medseg
 from medseg.cli import main
 from medseg.data.preprocess import preprocess_case
 from medseg.inference.segmenter import Segmenter
-from medseg.inference.sliding_window import _choose_accumulator_device, iter_logit_slabs, predict_logits
+from medseg.inference.sliding_window import (
+    WindowOptions,
+    _choose_accumulator_device,
+    iter_logit_slabs,
+    predict_logits,
+)
 from medseg.io import read_volume
 from medseg.losses import build_loss
 from medseg.model_folder import load_model_folder
@@ -185,8 +190,8 @@ def test_cuda_logits_match_cpu_logits_on_the_real_ct(gpu_run, plan_image):
     plan = gpu_run.plan
     nets = {d: load_model_folder(gpu_run.model_dir, device=d).model.eval() for d in ("cpu", "cuda")}
     with torch.inference_mode():
-        cpu = predict_logits(nets["cpu"], plan_image, plan, overlap=0.5, device="cpu")
-        gpu = predict_logits(nets["cuda"], plan_image, plan, overlap=0.5, device="cuda")
+        cpu = predict_logits(nets["cpu"], plan_image, plan, WindowOptions(overlap=0.5), device="cpu")
+        gpu = predict_logits(nets["cuda"], plan_image, plan, WindowOptions(overlap=0.5), device="cuda")
     scale = float(cpu.abs().max())
     err = (gpu - cpu).abs()
     # medseg runs the network under float16 autocast on CUDA: ~1e-3 relative per layer, summed over the net
@@ -220,11 +225,10 @@ def test_gpu_resident_accumulators_equal_cpu_accumulators(gpu_run, plan_image, d
     logits = {}
     with torch.inference_mode():
         for accumulate, where in (("device", "cuda"), ("cpu", "cpu")):
-            slabs = list(iter_logit_slabs(net, plan_image, plan, overlap=0.5, device=cuda, stream=stream,
-                                          accumulate=accumulate))
+            window = WindowOptions(overlap=0.5, stream=stream, accumulate=accumulate)
+            slabs = list(iter_logit_slabs(net, plan_image, plan, window, device=cuda))
             assert {slab.device.type for _, _, slab in slabs} == {where}, f"accumulate={accumulate}"
-            logits[accumulate] = predict_logits(net, plan_image, plan, overlap=0.5, device=cuda, stream=stream,
-                                                accumulate=accumulate)
+            logits[accumulate] = predict_logits(net, plan_image, plan, window, device=cuda)
     scale = float(logits["cpu"].abs().max())
     torch.testing.assert_close(logits["device"], logits["cpu"], rtol=1e-4, atol=1e-4 * scale)
 

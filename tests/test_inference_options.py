@@ -15,9 +15,11 @@ from inference_support import make_plan, save_model
 from medseg.config import InferConfig
 from medseg.data.preprocess import preprocess_case
 from medseg.errors import CheckpointError, ConfigError, GeometryError, ScanReadError
+from medseg.inference.jobs import collect_inputs
+from medseg.inference.outputs import OutputSpec
 from medseg.inference.postprocess import keep_largest_component, parse_postprocess, remove_small_components
-from medseg.inference.segmenter import Segmenter, collect_inputs, output_paths
-from medseg.inference.sliding_window import predict_logits
+from medseg.inference.segmenter import Segmenter
+from medseg.inference.sliding_window import WindowOptions, predict_logits
 from medseg.inference.stats import label_statistics
 from medseg.io import Volume, read_volume
 from medseg.io.geometry import Geometry
@@ -43,8 +45,8 @@ def model(tmp_path):
 
 
 def test_tta_is_off_by_default_on_the_cpu_and_on_when_asked(model):
-    assert Segmenter.load(model, device="cpu").tta is False
-    assert Segmenter.load(model, device="cpu", tta="on").tta is True
+    assert Segmenter.load(model, device="cpu").window.tta is False
+    assert Segmenter.load(model, device="cpu", tta="on").window.tta is True
     assert Segmenter.load(model, device="cpu", tta=True).settings()["tta"] is True
     with pytest.raises(ConfigError, match="tta must be auto, on or off"):
         Segmenter.load(model, device="cpu", tta="sometimes")
@@ -70,7 +72,8 @@ def test_folds_are_averaged_in_probability_space(tmp_path):
     scores, kind = ensemble.predict_scores(image)
     assert kind == "probs"
     expected = sum(
-        torch.softmax(predict_logits(m.model, image, plan, overlap=0.5, batch_size=2), dim=0) for m in ensemble.models
+        torch.softmax(predict_logits(m.model, image, plan, WindowOptions(overlap=0.5, batch_size=2)), dim=0)
+        for m in ensemble.models
     ) / 2
     torch.testing.assert_close(scores, expected, atol=1e-6, rtol=1e-6)
     # restored: where both folds agree, the ensemble agrees; the low threshold (fold 0) covers more
@@ -186,7 +189,7 @@ def test_infer_config_defaults_come_from_the_model(tmp_path):
         tmp_path / "m", make_plan(), infer=InferConfig(overlap=0.25, batch_size=3, postprocess="largest", tta="on")
     )
     seg = Segmenter.load(path, device="cpu")
-    assert (seg.overlap, seg.batch_size, str(seg.postprocess), seg.tta) == (0.25, 3, "largest", True)
+    assert (seg.window.overlap, seg.window.batch_size, str(seg.postprocess), seg.window.tta) == (0.25, 3, "largest", True)
     assert Segmenter.load(path, device="cpu", overlap=0.5, tta="off").settings()["overlap"] == 0.5
 
 
@@ -204,5 +207,5 @@ def test_case_names_come_from_files_and_folders_never_tags(tmp_path):
     (tmp_path / "other" / "a.nii.gz").write_bytes(b"x")
     with pytest.raises(ConfigError, match="both give case name 'a'"):
         collect_inputs([tmp_path / "scans", tmp_path / "other"])
-    paths = output_paths("a", tmp_path, mask_path=tmp_path / "liver.nii.gz", statistics=True)
+    paths = OutputSpec(tmp_path, mask_path=tmp_path / "liver.nii.gz", statistics=True).paths("a")
     assert paths["mask"].name == "liver.nii.gz" and paths["statistics"].name == "liver_stats.json"

@@ -13,6 +13,7 @@ from torch import nn
 from medseg.errors import GeometryError
 from medseg.inference.sliding_window import (
     BACKGROUND_MARGIN,
+    WindowOptions,
     body_mask_from_image,
     gaussian_importance,
     iter_logit_slabs,
@@ -47,7 +48,7 @@ def test_pointwise_network_is_reproduced_exactly_by_blending():
     plan = make_plan(num_classes=3)
     with torch.no_grad():
         expected = net(image[None])[0]
-    got = predict_logits(net, image, plan, skip_empty=False)
+    got = predict_logits(net, image, plan, WindowOptions(skip_empty=False))
     assert got.shape == (3, 40, 33, 21)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
@@ -56,7 +57,7 @@ def test_volume_smaller_than_patch_is_padded_and_cropped_back():
     net = ThresholdNet(3, 1, 2)
     image = np.zeros((1, 10, 7, 5), dtype=np.float32)
     image[0, 2:5, 1:3, 1:4] = 10.0
-    logits = predict_logits(net, image, make_plan(), skip_empty=False)
+    logits = predict_logits(net, image, make_plan(), WindowOptions(skip_empty=False))
     assert logits.shape == (2, 10, 7, 5)
     np.testing.assert_array_equal(logits.argmax(0).numpy(), image[0] > 5)
 
@@ -65,14 +66,14 @@ def test_streaming_equals_whole_volume_accumulation_bitwise():
     net = SkewedNet(3, 1, 3, seed=1)
     image = torch.randn(1, 44, 30, 24, generator=torch.Generator().manual_seed(0))
     plan = make_plan(num_classes=3, patch_size=(12, 12, 12))
-    slabs = list(iter_logit_slabs(net, image, plan, stream=True, skip_empty=False, batch_size=3))
+    slabs = list(iter_logit_slabs(net, image, plan, WindowOptions(stream=True, skip_empty=False, batch_size=3)))
     assert len(slabs) > 2  # the ring really streams
     axis = plan_windows(image.shape[1:], plan, 0.5).stream_axis
     bounds = [(a, b) for a, b, _ in slabs]
     assert bounds[0][0] == 0 and bounds[-1][1] == image.shape[1 + axis]
     assert all(b0[1] == b1[0] for b0, b1 in itertools.pairwise(bounds))  # in order, no gap, no overlap
-    streamed = predict_logits(net, image, plan, stream=True, skip_empty=False, batch_size=3)
-    whole = predict_logits(net, image, plan, stream=False, skip_empty=False, batch_size=5)
+    streamed = predict_logits(net, image, plan, WindowOptions(stream=True, skip_empty=False, batch_size=3))
+    whole = predict_logits(net, image, plan, WindowOptions(stream=False, skip_empty=False, batch_size=5))
     assert torch.equal(streamed, whole)
 
 
@@ -80,8 +81,8 @@ def test_float16_output_storage_stays_close_to_float32():
     net = SkewedNet(3, 1, 2)
     image = torch.randn(1, 30, 30, 20, generator=torch.Generator().manual_seed(2))
     plan = make_plan(patch_size=(16, 16, 16))
-    full = predict_logits(net, image, plan, skip_empty=False)
-    half = predict_logits(net, image, plan, skip_empty=False, out_dtype=torch.float16)
+    full = predict_logits(net, image, plan, WindowOptions(skip_empty=False))
+    half = predict_logits(net, image, plan, WindowOptions(skip_empty=False), out_dtype=torch.float16)
     assert half.dtype == torch.float16
     torch.testing.assert_close(half.float(), full, atol=2e-2, rtol=2e-3)
 
@@ -93,8 +94,8 @@ def test_skipping_empty_windows_keeps_body_voxels_identical_and_skips_air():
     image[0, 40:56, 30:44, 20:34] = np.random.default_rng(0).normal(0.5, 1.0, (16, 14, 14))
     body = body_mask_from_image(image, plan)
     timings: dict = {}
-    skipped = predict_logits(net, image, plan, skip_empty=True, timings=timings)
-    full = predict_logits(net, image, plan, skip_empty=False)
+    skipped = predict_logits(net, image, plan, WindowOptions(skip_empty=True), timings=timings)
+    full = predict_logits(net, image, plan, WindowOptions(skip_empty=False))
     assert timings["skipped_windows"] > timings["windows"] // 2
     # same windows at body voxels (batches differ, so allow float rounding)
     inside = torch.from_numpy(body)
@@ -138,8 +139,8 @@ def test_window_skipping_changes_nothing_inside_the_body_for_a_position_dependen
     body = torch.from_numpy(body_mask_from_image(image, plan))
     on: dict = {}
     off: dict = {}
-    skipped = predict_logits(net, image, plan, skip_empty=True, timings=on)
-    full = predict_logits(net, image, plan, skip_empty=False, timings=off)
+    skipped = predict_logits(net, image, plan, WindowOptions(skip_empty=True), timings=on)
+    full = predict_logits(net, image, plan, WindowOptions(skip_empty=False), timings=off)
     assert on["windows"] == off["windows"] and on["skipped_windows"] > on["windows"] // 4
     assert off["skipped_windows"] == 0
     torch.testing.assert_close(skipped[:, body], full[:, body], atol=1e-5, rtol=1e-5)
@@ -174,13 +175,13 @@ def test_tta_changes_an_asymmetric_network_and_not_a_symmetric_one():
     image = torch.randn(1, 24, 20, 16, generator=torch.Generator().manual_seed(4))
     plan = make_plan()
     skewed = SkewedNet(3, 1, 2)
-    plain = predict_logits(skewed, image, plan, skip_empty=False)
-    mirrored = predict_logits(skewed, image, plan, skip_empty=False, tta=True)
+    plain = predict_logits(skewed, image, plan, WindowOptions(skip_empty=False))
+    mirrored = predict_logits(skewed, image, plan, WindowOptions(skip_empty=False, tta=True))
     assert (plain - mirrored).abs().max() > 1e-3
     pointwise = ThresholdNet(3, 1, 2)
     torch.testing.assert_close(
-        predict_logits(pointwise, image, plan, skip_empty=False, tta=True),
-        predict_logits(pointwise, image, plan, skip_empty=False),
+        predict_logits(pointwise, image, plan, WindowOptions(skip_empty=False, tta=True)),
+        predict_logits(pointwise, image, plan, WindowOptions(skip_empty=False)),
         atol=1e-5,
         rtol=1e-5,
     )
@@ -195,7 +196,7 @@ def test_2d_model_slides_over_slices_with_context_channels_in_order():
         net.weight.zero_()
         for c in range(3):
             net.weight[c, c] = 1.0
-    out = predict_logits(net, image, plan, skip_empty=False, batch_size=7)
+    out = predict_logits(net, image, plan, WindowOptions(skip_empty=False, batch_size=7))
     previous = torch.cat([image[0, :, :, :1], image[0, :, :, :-1]], dim=2)  # clamped at the first slice
     following = torch.cat([image[0, :, :, 1:], image[0, :, :, -1:]], dim=2)
     torch.testing.assert_close(out[0], previous, atol=1e-5, rtol=1e-5)
@@ -205,7 +206,7 @@ def test_2d_model_slides_over_slices_with_context_channels_in_order():
 
 def test_network_mode_is_restored_after_prediction():
     net = SkewedNet(3, 1, 2).train()
-    predict_logits(net, torch.zeros(1, 16, 16, 16), make_plan(), skip_empty=False)
+    predict_logits(net, torch.zeros(1, 16, 16, 16), make_plan(), WindowOptions(skip_empty=False))
     assert net.training
 
 
@@ -221,4 +222,4 @@ def test_wrong_channels_and_dimensions_are_refused():
 def test_network_with_wrong_class_count_is_reported():
     plan = make_plan(num_classes=3)
     with pytest.raises(GeometryError, match="returned 2 classes but the plan has 3"):
-        predict_logits(ThresholdNet(3, 1, 2), torch.zeros(1, 16, 16, 16), plan, skip_empty=False)
+        predict_logits(ThresholdNet(3, 1, 2), torch.zeros(1, 16, 16, 16), plan, WindowOptions(skip_empty=False))

@@ -226,7 +226,7 @@ def test_tensorboard_overlay_is_upright_radiological_coloured_per_class_and_enla
 
 
 def test_the_largest_preview_stays_within_the_size_the_free_space_check_counts():
-    from medseg.inference.segmenter import PREVIEW_MAX_BYTES
+    from medseg.inference.outputs import PREVIEW_MAX_BYTES
 
     image = np.zeros((20, 30, 200), dtype=np.float32)  # tall: 200 mm high, 20 mm wide
     mask = np.zeros(image.shape, dtype=np.uint8)

@@ -43,7 +43,7 @@ def ct_dataset(tmp_path_factory) -> Path:
 def _untrained_and_trained_dice(run: medseg.Run) -> tuple[float, float]:
     """Mean organ Dice on the fold's validation cases: fresh weights vs the trained model."""
     from medseg.data.cache import PreprocessedCache
-    from medseg.inference.sliding_window import predict_logits
+    from medseg.inference.sliding_window import WindowOptions, predict_logits
     from medseg.models import create_model_from_plan
 
     loaded = load_model_folder(run.model_dir)
@@ -57,7 +57,7 @@ def _untrained_and_trained_dice(run: medseg.Run) -> tuple[float, float]:
         image = torch.from_numpy(np.array(case.image))
         for name, net in (("fresh", fresh), ("trained", loaded.model)):
             with torch.inference_mode():
-                pred = predict_logits(net, image, loaded.plan, overlap=0.25).argmax(0).numpy()
+                pred = predict_logits(net, image, loaded.plan, WindowOptions(overlap=0.25)).argmax(0).numpy()
             scores[name].append(dice_per_class(pred, np.asarray(case.label)[0], loaded.plan.num_classes)[0])
     return float(np.nanmean(scores["fresh"])), float(np.nanmean(scores["trained"]))
 

@@ -143,68 +143,22 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from medseg.errors import ConfigError
-    from medseg.inference.dicom_outputs import check_output_formats, parse_formats
-    from medseg.inference.jobs import (
-        anonymize_cases,
-        collect_cases,
-        manifest_name,
-        plan_of,
-        run_cohort,
-        select_part,
-    )
-    from medseg.inference.postprocess import parse_postprocess
-    from medseg.inference.segmenter import Segmenter, plan_outputs
-    from medseg.io.formats import MASK_IMAGE_SUFFIXES, NIFTI_SUFFIXES, has_suffix
-    from medseg.model_folder import newest_run
+    from medseg.api import infer
+    from medseg.inference.outputs import OutputSpec
 
-    if args.postprocess is not None:
-        parse_postprocess(args.postprocess)  # fail before loading anything
-    formats = parse_formats(args.format)
-    if (args.num_parts is None) != (args.part_id is None):
-        raise ConfigError("--num-parts N and --part-id K go together (K in 0..N-1); pass both or neither.")
-    model_dir = args.model if args.model is not None else newest_run(Path("runs"))
-    plan = plan_of(model_dir, args.folds)  # model.json only: the channels group the input files
-    cases = collect_cases(
-        args.inputs, channels=plan.image_channels, channel_names=plan.channel_names, series_uid=args.series_uid
+    outputs = OutputSpec.to(
+        args.output, probabilities=args.probs, statistics=args.stats, preview=args.preview, formats=args.format,
+        dicom_seg_type=args.seg_type, overwrite=args.overwrite, anonymize=args.anonymize,
     )
-    keep_going = len(cases) > 1  # a single scan stops at its error, as before: one line, exit 2
-    if args.num_parts is not None:
-        cases = select_part(cases, args.num_parts, args.part_id)
-    check_output_formats([(c.source, c.name) for c in cases], formats, anonymize=args.anonymize)
-    if args.anonymize:
-        cases = anonymize_cases(cases, series_uid=args.series_uid)
-    out = args.output
-    mask_path = None
-    if has_suffix(out, NIFTI_SUFFIXES + MASK_IMAGE_SUFFIXES):  # one file; 2D masks may be images
-        if len(cases) != 1:
-            raise ConfigError(f"-o {out} names one file but there are {len(cases)} inputs; pass a folder.")
-        mask_path = out
-        out = out.parent
-    if not args.resume:  # refuse existing outputs before the model is loaded
-        plan_outputs(
-            [(c.source, c.name) for c in cases], out, probabilities=args.probs, statistics=args.stats,
-            preview=args.preview, overwrite=args.overwrite, mask_path=mask_path, formats=formats,
-        )
-    segmenter = Segmenter.load(
-        model_dir, device=args.device, folds=args.folds, tta=args.tta, overlap=args.overlap,
-        batch_size=args.batch_size, postprocess=args.postprocess, backend=args.backend,
-    )
-    log = logging.getLogger("medseg.infer")
-    log.info(
-        "model %s (%d fold(s)) on %s (backend %s), tta %s, overlap %.2f",
-        model_dir, len(segmenter.models), segmenter.device, segmenter.backend, "on" if segmenter.tta else "off",
-        segmenter.overlap,
-    )
-    result = run_cohort(
-        segmenter, cases, out, probabilities=args.probs, statistics=args.stats, preview=args.preview,
-        overwrite=args.overwrite, resume=args.resume, keep_going=keep_going, series_uid=args.series_uid,
-        mask_path=mask_path, anonymize=args.anonymize, resample_tilt=args.resample_tilt,
-        manifest=manifest_name(args.num_parts or 1, args.part_id or 0),
-        formats=formats, dicom_seg_type=args.seg_type,
+    result = infer(
+        args.inputs, outputs, model_dir=args.model, folds=args.folds, series_uid=args.series_uid,
+        resample_tilt=args.resample_tilt, resume=args.resume, num_parts=args.num_parts, part_id=args.part_id,
+        device=args.device, tta=args.tta, overlap=args.overlap, batch_size=args.batch_size,
+        postprocess=args.postprocess, backend=args.backend,
     )
     for row in result.written:
-        emit(mask_path if mask_path is not None else out / row["outputs"]["mask"])
+        emit(result.paths[row["case"]]["mask"])
+    log = logging.getLogger("medseg.infer")
     if result.skipped:
         log.info("%d case(s) already complete, skipped (--continue)", len(result.skipped))
     if result.manifest is not None:

@@ -88,7 +88,7 @@ __all__ = [
 
 #: Output formats of ``medseg infer --format`` (comma-separated; the NIfTI mask is always written).
 FORMATS = ("nifti", "dicom-seg", "rtstruct")
-#: DICOM format -> output kind (key of ``segmenter.output_paths``; files ``<case>_seg.dcm``, ``<case>_rtstruct.dcm``).
+#: DICOM format -> output kind (key of ``OutputSpec.paths``, :mod:`medseg.inference.outputs`; files ``<case>_seg.dcm``, ``<case>_rtstruct.dcm``).
 DICOM_OUTPUT_KINDS = {"dicom-seg": "dicom_seg", "rtstruct": "rtstruct"}
 SEG_TYPES = ("binary", "labelmap")
 #: BINARY: read by every DICOM-SEG reader; LABELMAP (Supplement 243, 2024) only by recent ones.
@@ -827,7 +827,7 @@ def _verify(
             )
 
 
-# --------------------------------------------------------------------------- the hook for Segmenter.write
+# --------------------------------------------------------------------------- the hook for OutputSpec.write
 
 
 def write_dicom_outputs(
@@ -858,7 +858,7 @@ def write_dicom_outputs(
             "identifiers of its source series. De-identify the series first, or write NIfTI only."
         )
     if volume is None:
-        raise ConfigError("DICOM outputs need the scan as read: pass volume= to Segmenter.write().")
+        raise ConfigError("DICOM outputs need the scan as read: pass volume= to OutputSpec.write().")
     source = load_source_series(volume)
     written = {}
     if "dicom_seg" in paths:

@@ -139,12 +139,17 @@ def make_provenance(
     }
 
 
-def check_output_path(path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = ()) -> Path:
+def check_output_path(
+    path: Path, *, overwrite: bool, inputs: tuple[Path, ...] = (), need_folder: bool = True
+) -> Path:
     """Refuse to replace an input, or an existing file without ``overwrite``; the folder must exist.
 
+    ``need_folder=False`` checks a planned output whose folder is created later.
+
     Raises:
-        OutputExistsError: the file exists (and ``overwrite`` is False) or is one of ``inputs``.
-        OutputWriteError: the folder is missing.
+        OutputExistsError: the file exists (and ``overwrite`` is False) or is one of ``inputs``
+            (or lies inside an input folder).
+        OutputWriteError: the folder is missing (with ``need_folder``).
     """
     path = Path(path)
     resolved = path.resolve()
@@ -154,6 +159,6 @@ def check_output_path(path: Path, *, overwrite: bool, inputs: tuple[Path, ...] =
             raise OutputExistsError(f"output {path} would write onto the input {source}; choose another -o folder.")
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it.")
-    if not path.parent.is_dir():
+    if need_folder and not path.parent.is_dir():
         raise OutputWriteError(f"output folder {path.parent} does not exist; create it or pass another -o.")
     return path

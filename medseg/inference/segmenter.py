@@ -1,4 +1,4 @@
-"""Segment scans with a trained model folder: the library behind ``medseg infer``.
+"""Segment scans with a trained model folder: the predictor behind ``medseg infer``.
 
 ::
 
@@ -13,21 +13,19 @@ Pipeline per scan (``docs/inference.md``):
    (dimensionality, channels);
 2. preprocess exactly as in training (``medseg.data.preprocess.preprocess_case``:
    re-orient, crop, normalise, resample to the plan grid);
-3. sliding-window logits (``medseg.inference.sliding_window``), with mirroring
-   TTA if asked; several folds are averaged in probability space;
+3. sliding-window logits (``medseg.inference.sliding_window``, settings in one
+   :class:`~medseg.inference.sliding_window.WindowOptions`), with mirroring TTA
+   if asked; several folds are averaged in probability space;
 4. restore to the scan's grid (``medseg.inference.restore``: resample back in
    slabs, argmax, un-crop, un-orient, grid check);
 5. postprocess (``largest`` / ``min-size=N``), map class indices to the label
    values of the training data, per-label statistics.
 
-Writing (:meth:`Segmenter.write` / :meth:`Segmenter.predict_many`) goes through
-``medseg.io.write_mask`` (atomic, geometry checked before the rename). Output
-names: ``<case>_mask.nii.gz`` and optionally ``<case>_probs.nii.gz``,
-``<case>_stats.json``/``.csv``, ``<case>_preview.png``; ``<case>_provenance.json``
-always. A case is named after its file without extension, or after its DICOM
-folder (never after DICOM tags); with ``anonymize=True`` it is named
-``case_<12 hex digits of its content's sha256>`` and no sidecar holds a path
-(``medseg.inference.provenance.anonymous_case_name``).
+This module predicts; it names and writes no files except :meth:`Prediction.save`.
+Output files (names, checks, writing) are :class:`~medseg.inference.outputs.OutputSpec`'s;
+running many scans (read-ahead, background writes, manifest, resuming) is
+:mod:`medseg.inference.jobs`' (:meth:`Segmenter.predict_many` calls
+:func:`~medseg.inference.jobs.predict_many`).
 
 Plan-grid scores are held as float32 up to :data:`FLOAT32_SCORES_LIMIT` values
 and as float16 beyond that (halving the largest buffer of a big CT).
@@ -47,69 +45,33 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from medseg.device import resolve_device
-from medseg.errors import (
-    CheckpointError,
-    ConfigError,
-    GeometryError,
-    OutputExistsError,
-    OutputWriteError,
-    ScanReadError,
-)
+from medseg.errors import CheckpointError, ConfigError, GeometryError, ScanReadError
 from medseg.inference.postprocess import PostprocessSpec, parse_postprocess, postprocess
-from medseg.inference.provenance import (
-    anonymize_provenance,
-    anonymous_case_name,
-    check_output_path,
-    hash_input,
-    make_provenance,
-    write_json_atomic,
-)
-from medseg.io.formats import MASK_SUFFIXES, NIFTI_SUFFIXES, SCAN_SUFFIXES, has_suffix, strip_suffix
+from medseg.inference.provenance import check_output_path, hash_input, make_provenance
+from medseg.inference.sliding_window import WindowOptions
 from medseg.io.geometry import Geometry
-from medseg.io.images2d import is_image_path, refuse_palette_image
+from medseg.io.images2d import refuse_palette_image
 from medseg.io.volume import Volume
-from medseg.settings import check_overlap
 
 if TYPE_CHECKING:
     import torch
 
     from medseg.data.plan import Plan
     from medseg.data.preprocess import PreprocessedCase
+    from medseg.inference.outputs import OutputSpec
     from medseg.model_folder import LoadedModel, ModelBuilder
 
 __all__ = [
     "FLOAT32_SCORES_LIMIT",
-    "OUTPUT_SUFFIXES",
     "Prediction",
+    "PreparedScan",
     "Segmenter",
-    "case_name",
-    "collect_inputs",
-    "output_paths",
-    "plan_outputs",
 ]
 
 log = logging.getLogger(__name__)
 
 #: Plan-grid scores with more values than this are stored as float16 (512 MiB as float32).
 FLOAT32_SCORES_LIMIT = 1 << 27
-
-#: Output kind -> file name suffix after the case name.
-OUTPUT_SUFFIXES = {
-    "mask": "_mask.nii.gz",
-    "probabilities": "_probs.nii.gz",
-    "statistics": "_stats.json",
-    "statistics_csv": "_stats.csv",
-    "preview": "_preview.png",
-    "provenance": "_provenance.json",
-    "dicom_seg": "_seg.dcm",  # --format dicom-seg (medseg.inference.dicom_outputs)
-    "rtstruct": "_rtstruct.dcm",  # --format rtstruct
-}
-
-
-#: Upper bounds of the small side outputs, in bytes (the NIfTI outputs are bounded from their shape).
-PROVENANCE_MAX_BYTES = 64 << 10  # plus 1 KiB per model
-STATS_MAX_BYTES_PER_LABEL = 1 << 10  # per file (JSON and CSV), plus 4 KiB
-PREVIEW_MAX_BYTES = 8 << 20  # preview.MAX_WIDTH_PX x MAX_HEIGHT_PX: 1200 x 1600 RGBA is 7.7 MB uncompressed
 
 # --------------------------------------------------------------------------- results
 
@@ -153,130 +115,22 @@ class Prediction:
         return write_mask(self.mask, self.geometry, target, overwrite=overwrite)
 
 
-# --------------------------------------------------------------------------- inputs and names
-
-
-def case_name(path: str | os.PathLike) -> str:
-    """Case name of a scan path: the file name without its extension, or the DICOM folder's name."""
-    path = Path(path)
-    if path.is_dir():
-        return path.resolve().name if path.name in ("", ".", "..") else path.name
-    return strip_suffix(path.name)
-
-
-def collect_inputs(inputs: Sequence[str | os.PathLike], *, anonymize: bool = False) -> list[tuple[Path, str]]:
-    """Expand ``medseg infer`` inputs into ``(path, case name)`` pairs.
-
-    A file is one case. A folder holding scan files (``.nii.gz`` ...) is a folder
-    of scans: each file is a case, and each sub-folder a DICOM series case. Any
-    other folder is one DICOM series, named after the folder. With ``anonymize``
-    every case is named by :func:`~medseg.inference.provenance.anonymous_case_name`.
-
-    Raises:
-        ScanReadError: a path does not exist, or a folder holds nothing to segment.
-        ConfigError: two inputs would give the same case name (and output file).
-    """
-    cases: list[tuple[Path, str]] = []
-    for item in inputs:
-        path = Path(item)
-        if not path.exists():
-            raise ScanReadError(f"input {path}: no such file or folder. Check the path.")
-        if path.is_file():
-            cases.append((path, case_name(path)))
-            continue
-        children = sorted(p for p in path.iterdir() if not p.name.startswith("."))
-        scans = [p for p in children if p.is_file() and p.name.lower().endswith(SCAN_SUFFIXES)]
-        if scans:
-            cases.extend((p, case_name(p)) for p in scans)
-            cases.extend((p, case_name(p)) for p in children if p.is_dir() and any(p.iterdir()))
-        elif any(p.is_file() for p in children):
-            cases.append((path, case_name(path)))
-        else:
-            subdirs = [p for p in children if p.is_dir() and any(p.iterdir())]
-            if not subdirs:
-                raise ScanReadError(f"input folder {path} is empty: expected scans or a DICOM series.")
-            cases.extend((p, case_name(p)) for p in subdirs)
-    return _named(cases, anonymize=anonymize)
-
-
-def _named(cases: list[tuple[Path, str]], *, anonymize: bool) -> list[tuple[Path, str]]:
-    """Cases with anonymous names if asked; refuse two cases with one name (one output file)."""
-    if anonymize:
-        cases = [(path, anonymous_case_name(path)) for path, _name in cases]
-    seen: dict[str, Path] = {}
-    for path, name in cases:
-        if name in seen and anonymize:
-            raise ConfigError(
-                f"inputs {seen[name]} and {path} have identical content (anonymous case name {name!r}); "
-                "segment only one of them."
-            )
-        if name in seen:
-            raise ConfigError(
-                f"inputs {seen[name]} and {path} both give case name {name!r} (output {name}_mask.nii.gz); "
-                "segment them into different -o folders."
-            )
-        seen[name] = path
-    return cases
-
-
-def output_paths(
-    case: str,
-    out_dir: str | os.PathLike,
-    *,
-    probabilities: bool = False,
-    statistics: bool = False,
-    preview: bool = False,
-    mask_path: str | os.PathLike | None = None,
-    formats: Sequence[str] = ("nifti",),
-    source: str | os.PathLike | None = None,
-) -> dict[str, Path]:
-    """Output files of one case: ``<case>_mask.nii.gz`` and the asked-for side outputs.
-
-    ``mask_path`` names the mask file explicitly (single-input ``-o file.nii.gz``);
-    side outputs then go beside it with the mask's stem. ``formats`` adds the DICOM
-    outputs (``dicom-seg``, ``rtstruct``; the NIfTI mask is always written).
-    A ``source`` that is a 2D image (``.png``, ``.jpg``, ``.tif`` ...) gets its mask
-    as ``<case>_mask.png`` (a lossless greyscale PNG; :mod:`medseg.io.images2d`).
-    """
-    out_dir = Path(out_dir)
-    stem = case
-    if mask_path is not None:
-        mask_path = Path(mask_path)
-        out_dir = mask_path.parent
-        stem = strip_suffix(mask_path.name, MASK_SUFFIXES) if has_suffix(mask_path, MASK_SUFFIXES) else mask_path.stem
-        stem = stem[: -len("_mask")] if stem.endswith("_mask") else stem
-    mask_suffix = OUTPUT_SUFFIXES["mask"]
-    if source is not None and is_image_path(source):
-        mask_suffix = "_mask.png"
-        if probabilities:
-            raise ConfigError(
-                f"{Path(source).name}: --probs is not available for 2D images (the per-class probabilities of an "
-                "image have no single-file form that viewers read); leave --probs out."
-            )
-    paths = {"mask": Path(mask_path) if mask_path is not None else out_dir / (stem + mask_suffix)}
-    wanted = {
-        "probabilities": probabilities,
-        "statistics": statistics,
-        "statistics_csv": statistics,
-        "preview": preview,
-        "provenance": True,
-    }
-    for kind, on in wanted.items():
-        if on:
-            paths[kind] = out_dir / (stem + OUTPUT_SUFFIXES[kind])
-    for kind in ("dicom_seg", "rtstruct"):
-        if kind.replace("_", "-") in formats:
-            paths[kind] = out_dir / (stem + OUTPUT_SUFFIXES[kind])
-    return paths
-
-
 # --------------------------------------------------------------------------- the segmenter
 
 
 @dataclass
-class _Prepared:
+class PreparedScan:
+    """A scan read, checked and preprocessed (:meth:`Segmenter.prepare`), waiting for the network.
+
+    Attributes:
+        volume: the scan as read.
+        case: the preprocessed image and its record (released by :meth:`Segmenter.predict_prepared`).
+        timings: seconds of reading and preprocessing so far.
+        input_hash: sha256 of the input file(s), or a future of it while it is computed.
+    """
+
     volume: Volume
-    case: PreprocessedCase
+    case: PreprocessedCase | None
     timings: dict[str, float]
     input_hash: concurrent.futures.Future | str | None
 
@@ -290,11 +144,8 @@ class Segmenter:
     Args:
         models: loaded model folders (one per fold); their plans must be identical.
         device: where the networks run.
-        tta: mirroring test-time augmentation.
-        overlap: sliding-window overlap in [0, 1).
-        batch_size: windows per forward pass.
+        window: overlap, batch size, mirroring TTA and window skipping of the sliding window.
         postprocess: ``none``, ``largest`` or ``min-size=N``.
-        skip_empty_windows: skip windows without a body voxel (same layout; see ``sliding_window``).
         backend: how the networks run (``medseg.inference.backends``: torch, channels-last,
             compile, onnxruntime, openvino or auto); each is checked against PyTorch when set up.
     """
@@ -304,11 +155,8 @@ class Segmenter:
         models: Sequence[LoadedModel],
         *,
         device: torch.device,
-        tta: bool,
-        overlap: float,
-        batch_size: int,
+        window: WindowOptions,
         postprocess: str | PostprocessSpec = "none",
-        skip_empty_windows: bool = True,
         backend: str = "torch",
     ) -> None:
         if not models:
@@ -321,21 +169,16 @@ class Segmenter:
                     f"model folders {models[0].path} and {m.path} were trained with different plans "
                     f"({'; '.join(diff[:3])}); an ensemble needs folds of one run."
                 )
-        check_overlap(overlap)
-        if batch_size < 1:
-            raise ConfigError(f"batch size must be >= 1, got {batch_size}.")
         self.models = list(models)
         self.device = device
-        self.tta = bool(tta)
-        self.overlap = float(overlap)
-        self.batch_size = int(batch_size)
+        self.window = window
         self.postprocess = parse_postprocess(postprocess)
-        self.skip_empty_windows = bool(skip_empty_windows)
         from medseg.inference.backends import prepare_network
 
         #: what the sliding window runs, one per model (the network itself for ``torch``)
         self.networks = [
-            prepare_network(m.model, m.plan, backend, device=device, batch_size=self.batch_size) for m in self.models
+            prepare_network(m.model, m.plan, backend, device=device, batch_size=window.batch_size)
+            for m in self.models
         ]
         self.backend = getattr(self.networks[0], "backend", "torch")
 
@@ -388,14 +231,17 @@ class Segmenter:
             tta_on = dev.type != "cpu" if tta_setting == "auto" else tta_setting == "on"
         else:
             tta_on = bool(tta_setting)
+        window = WindowOptions(
+            overlap=defaults.overlap if overlap is None else overlap,
+            batch_size=defaults.batch_size if batch_size is None else batch_size,
+            tta=tta_on,
+            skip_empty=defaults.skip_empty_windows if skip_empty_windows is None else skip_empty_windows,
+        )
         return cls(
             models,
             device=dev,
-            tta=tta_on,
-            overlap=defaults.overlap if overlap is None else overlap,
-            batch_size=defaults.batch_size if batch_size is None else batch_size,
+            window=window,
             postprocess=defaults.postprocess if postprocess is None else postprocess,
-            skip_empty_windows=defaults.skip_empty_windows if skip_empty_windows is None else skip_empty_windows,
             backend=backend,
         )
 
@@ -411,11 +257,11 @@ class Segmenter:
     def settings(self) -> dict[str, Any]:
         """The settings that shape the result (recorded in the provenance)."""
         return {
-            "overlap": self.overlap,
-            "tta": self.tta,
-            "batch_size": self.batch_size,
+            "overlap": self.window.overlap,
+            "tta": self.window.tta,
+            "batch_size": self.window.batch_size,
             "postprocess": str(self.postprocess),
-            "skip_empty_windows": self.skip_empty_windows,
+            "skip_empty_windows": self.window.skip_empty,
             "backend": self.backend,
             "folds": [m.fold for m in self.models],
             "ensemble": "mean of softmax probabilities" if len(self.models) > 1 else "single model",
@@ -478,7 +324,19 @@ class Segmenter:
                    if c > n else ".")
             )
 
-    def _prepare(self, scan: Any, series_uid: str | None, *, hash_pool=None, resample_tilt: bool = False) -> _Prepared:
+    def prepare(
+        self,
+        scan: Any,
+        *,
+        series_uid: str | None = None,
+        resample_tilt: bool = False,
+        hash_pool: concurrent.futures.Executor | None = None,
+    ) -> PreparedScan:
+        """Read, check and preprocess a scan (steps 1-2); :meth:`predict_prepared` does the rest.
+
+        Arguments as in :meth:`predict`; ``hash_pool`` computes the input's sha256 in the
+        background. A job runner prepares the next scan while the network works on this one.
+        """
         from medseg.data.preprocess import preprocess_case
 
         timings: dict[str, float] = {}
@@ -500,58 +358,7 @@ class Segmenter:
         t1 = time.perf_counter()
         case = preprocess_case(volume, self.plan)
         timings["preprocess_s"] = time.perf_counter() - t1
-        return _Prepared(volume=volume, case=case, timings=timings, input_hash=input_hash)
-
-    def output_bytes(self, paths: dict[str, Path], shape: Sequence[int]) -> dict[str, int]:
-        """Upper bound in bytes of each output in ``paths`` (see :func:`output_paths`) for a scan of ``shape``.
-
-        NIfTI outputs are bounded by their uncompressed size (gzip guarantees
-        nothing: see :func:`medseg.io.writers.nifti_size_bound`); the small side
-        outputs by generous constants.
-        """
-        from medseg.io.writers import nifti_size_bound
-
-        spatial = tuple(shape)
-        mask_itemsize = 1 if max(self.plan.label_values) <= 255 else 2
-        sizes = {}
-        for kind, path in paths.items():
-            gz = path.name.lower().endswith(".gz")
-            if kind == "mask":
-                sizes[kind] = nifti_size_bound(spatial, mask_itemsize, gz=gz)
-            elif kind == "probabilities":
-                sizes[kind] = nifti_size_bound((*spatial, self.plan.num_classes), 1, gz=gz)
-            elif kind in ("statistics", "statistics_csv"):
-                sizes[kind] = (4 << 10) + STATS_MAX_BYTES_PER_LABEL * len(self.plan.label_values)
-            elif kind == "preview":
-                sizes[kind] = PREVIEW_MAX_BYTES
-            elif kind in ("dicom_seg", "rtstruct"):
-                from medseg.inference.dicom_outputs import output_size_bound
-
-                sizes[kind] = output_size_bound(kind, spatial, len(self.plan.label_values) - 1)
-            else:
-                sizes[kind] = PROVENANCE_MAX_BYTES + (1 << 10) * len(self.models)
-        return sizes
-
-    def check_free_space(self, paths: dict[str, Path], shape: Sequence[int], *, pending: int = 0) -> None:
-        """Refuse a case whose outputs (bounded by :meth:`output_bytes`) do not fit on the disk.
-
-        ``pending``: bytes of earlier outputs still being written to the same disk.
-
-        Raises:
-            OutputWriteError: needed vs free space, the folder, and how to fix it.
-        """
-        from medseg.io.writers import check_free_space, format_bytes
-
-        sizes = self.output_bytes(paths, shape)
-        by_folder: dict[Path, int] = {}
-        for kind, size in sizes.items():
-            by_folder[paths[kind].parent] = by_folder.get(paths[kind].parent, 0) + size
-        parts = ", ".join(f"{kind} {format_bytes(size)}" for kind, size in sizes.items())
-        still = f", plus {format_bytes(pending)} of earlier outputs still being written" if pending else ""
-        for folder, needed in by_folder.items():
-            check_free_space(
-                folder, needed + pending, what=f"the outputs of {paths['mask'].name} ({parts}{still})"
-            )
+        return PreparedScan(volume=volume, case=case, timings=timings, input_hash=input_hash)
 
     def predict_scores(self, image: np.ndarray, *, timings: dict[str, float] | None = None) -> tuple[torch.Tensor, str]:
         """Plan-grid scores of a preprocessed image: logits (one model) or mean probabilities (ensemble).
@@ -568,21 +375,13 @@ class Segmenter:
         shape = tuple(image.shape[1:])
         k = plan.num_classes
         dtype = torch.float32 if k * int(np.prod(shape)) <= FLOAT32_SCORES_LIMIT else torch.float16
-        axis = plan_windows(shape, plan, self.overlap).stream_axis
+        axis = plan_windows(shape, plan, self.window.overlap).stream_axis
         ensemble = len(self.models) > 1
         scores = (torch.zeros if ensemble else torch.empty)((k, *shape), dtype=dtype)
         t0 = time.perf_counter()
         for network in self.networks:
             for start, stop, slab in iter_logit_slabs(
-                network,
-                image,
-                plan,
-                overlap=self.overlap,
-                batch_size=self.batch_size,
-                tta=self.tta,
-                device=self.device,
-                skip_empty=self.skip_empty_windows,
-                timings=timings,
+                network, image, plan, self.window, device=self.device, timings=timings
             ):
                 index = [slice(None)] * len(shape)
                 index[axis] = slice(start, stop)
@@ -597,14 +396,20 @@ class Segmenter:
             timings["sliding_window_s"] = time.perf_counter() - t0
         return scores, ("probs" if ensemble else "logits")
 
-    def _finish(self, prepared: _Prepared, *, probabilities: bool, confidence: bool = False) -> Prediction:
+    def predict_prepared(
+        self, prepared: PreparedScan, *, probabilities: bool = False, confidence: bool = False
+    ) -> Prediction:
+        """Segment a scan from :meth:`prepare` (steps 3-5); frees its plan-grid image.
+
+        ``confidence`` also computes :attr:`Prediction.confidence` (for the QC flags).
+        """
         from medseg.inference.restore import restore_prediction
         from medseg.inference.stats import label_statistics
 
         timings = prepared.timings
         record = prepared.case.record
         image = prepared.case.image
-        prepared.case = None  # type: ignore[assignment]  # free the plan-grid image after the network
+        prepared.case = None  # free the plan-grid image after the network
         scores, kind = self.predict_scores(image, timings=timings)
         del image
         if confidence:
@@ -682,265 +487,44 @@ class Segmenter:
             GeometryError: a 2D scan for a 3D model (or the reverse).
         """
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-            prepared = self._prepare(scan, series_uid, hash_pool=pool, resample_tilt=resample_tilt)
-            return self._finish(prepared, probabilities=probabilities)
-
-    def write(
-        self,
-        prediction: Prediction,
-        paths: dict[str, Path],
-        *,
-        volume: Volume | None = None,
-        overwrite: bool = False,
-        anonymize: bool = False,
-        dicom_seg_type: str | None = None,
-    ) -> dict[str, Path]:
-        """Write a prediction's outputs (kinds as in :func:`output_paths`); returns what was written.
-
-        The mask is written with ``medseg.io.write_mask`` (atomic, geometry
-        checked). ``volume`` (the scan) is needed for the preview and the DICOM
-        outputs (``dicom_seg_type``: ``binary`` or ``labelmap``, see
-        :mod:`medseg.inference.dicom_outputs`). ``anonymize``
-        writes the provenance without input and model paths
-        (:func:`~medseg.inference.provenance.anonymize_provenance`); the other
-        outputs hold no path, only the case name of ``paths``.
-        """
-        from medseg.io import write_mask, write_volume
-
-        written: dict[str, Path] = {}
-        like: Volume | Geometry = volume if volume is not None else prediction.geometry
-        inputs = (prediction.source,) if prediction.source is not None else ()
-        for path in paths.values():
-            check_output_path(path, overwrite=overwrite, inputs=inputs)
-        written["mask"] = write_mask(prediction.mask, like, paths["mask"], overwrite=overwrite)
-        if "dicom_seg" in paths or "rtstruct" in paths:
-            from medseg.inference.dicom_outputs import write_dicom_outputs
-
-            written.update(write_dicom_outputs(
-                prediction, paths, volume=volume, seg_type=dicom_seg_type, overwrite=overwrite, anonymize=anonymize
-            ))
-        if "probabilities" in paths:
-            if prediction.probabilities is None:
-                raise ConfigError("probabilities were not computed: call predict(..., probabilities=True).")
-            written["probabilities"] = write_volume(
-                prediction.probabilities, like, paths["probabilities"], overwrite=overwrite
-            )
-        if "statistics" in paths or "statistics_csv" in paths:
-            from medseg.inference.stats import write_statistics
-
-            for kind in ("statistics", "statistics_csv"):
-                if kind in paths:
-                    written[kind] = write_statistics(
-                        prediction.statistics,
-                        paths[kind],
-                        overwrite=overwrite,
-                        extra={"case": paths["mask"].name.removesuffix(OUTPUT_SUFFIXES["mask"])},
-                    )
-        if "preview" in paths:
-            from medseg.inference.preview import write_preview
-
-            if volume is None:
-                raise ConfigError("a preview needs the scan: pass volume= to Segmenter.write().")
-            title = paths["mask"].name.removesuffix(OUTPUT_SUFFIXES["mask"])
-            written["preview"] = write_preview(
-                volume.array[0], prediction.mask, prediction.geometry, paths["preview"],
-                labels=prediction.labels, title=title, statistics=prediction.statistics, overwrite=overwrite,
-            )
-        if "provenance" in paths:
-            record = anonymize_provenance(prediction.provenance) if anonymize else dict(prediction.provenance)
-            record["outputs"] = {k: p.name for k, p in written.items()}
-            record["timings_s"] = {k: round(v, 4) for k, v in prediction.timings.items()}
-            written["provenance"] = write_json_atomic(record, paths["provenance"], overwrite=overwrite)
-        return written
+            prepared = self.prepare(scan, series_uid=series_uid, resample_tilt=resample_tilt, hash_pool=pool)
+            return self.predict_prepared(prepared, probabilities=probabilities)
 
     def predict_many(
         self,
         scans: Sequence[str | os.PathLike] | Sequence[tuple[Path, str]],
-        out_dir: str | os.PathLike,
+        out_dir: str | os.PathLike | OutputSpec,
         *,
-        probabilities: bool = False,
-        statistics: bool = False,
-        preview: bool = False,
-        overwrite: bool = False,
         series_uid: str | None = None,
-        mask_path: str | os.PathLike | None = None,
-        prefetch: bool = True,
-        anonymize: bool = False,
         resample_tilt: bool = False,
-        formats: Sequence[str] = ("nifti",),
-        dicom_seg_type: str | None = None,
+        prefetch: bool = True,
+        **outputs: Any,
     ) -> list[dict[str, Path]]:
-        """Segment several scans and write their outputs into ``out_dir``.
-
-        Reading + preprocessing of the next scan and writing of the previous
-        one run in background threads while the network works on the current
-        one. Every output path is checked before any work starts, so an
-        existing output (without ``overwrite``) stops the run with nothing
-        written; a bad scan stops it before that scan's outputs are written.
+        """Segment several scans and write their outputs: :func:`medseg.inference.jobs.predict_many`.
 
         Args:
-            scans: paths, or ``(path, case name)`` pairs from :func:`collect_inputs`.
-            out_dir: output folder (created when the first output is written).
-            probabilities, statistics, preview: side outputs to write.
-            overwrite: replace existing outputs (never an input).
-            series_uid: series to read from DICOM folders holding several.
-            resample_tilt: read gantry-tilted DICOM series onto a regular grid
-                (:func:`~medseg.io.read_volume`); their masks are on that corrected grid.
-            mask_path: explicit mask file for a single scan.
-            prefetch: read the next scan while segmenting the current one
-                (holds two scans in memory).
-            anonymize: name every case ``case_<12 hex digits of its content's sha256>``
-                (:func:`~medseg.inference.provenance.anonymous_case_name`; names given
-                in ``(path, name)`` pairs are replaced) and write no input or model
-                path into any output.
-            formats: also ``dicom-seg`` and/or ``rtstruct`` for DICOM series inputs
-                (:mod:`~medseg.inference.dicom_outputs`), with ``dicom_seg_type``
-                ``binary`` (default) or ``labelmap``.
+            scans: paths, or ``(path, case name)`` pairs from
+                :func:`~medseg.inference.jobs.collect_inputs`.
+            out_dir: output folder, or a whole :class:`~medseg.inference.outputs.OutputSpec`.
+            series_uid, resample_tilt: as in :meth:`predict`.
+            prefetch: read the next scan while segmenting the current one (holds two scans in memory).
+            **outputs: with a folder, the other :class:`~medseg.inference.outputs.OutputSpec`
+                fields: ``probabilities``, ``statistics``, ``preview``, ``overwrite``,
+                ``mask_path``, ``anonymize``, ``formats``, ``dicom_seg_type``.
 
         Returns:
             Per case, output kind -> path written.
         """
-        from medseg.inference.dicom_outputs import check_output_formats, parse_formats
+        from medseg.inference.jobs import predict_many
+        from medseg.inference.outputs import OutputSpec
 
-        cases = [(Path(s[0]), s[1]) if isinstance(s, tuple) else (Path(s), case_name(s)) for s in scans]
-        formats = parse_formats(formats)
-        check_output_formats(cases, formats, anonymize=anonymize)
-        if anonymize:
-            cases = _named(cases, anonymize=True)
-        plans = plan_outputs(
-            cases, out_dir, probabilities=probabilities, statistics=statistics, preview=preview,
-            overwrite=overwrite, mask_path=mask_path, formats=formats,
-        )
-        if not cases:
-            return []
-        for folder in sorted({paths["mask"].parent for paths in plans}):
-            _check_output_dir(folder)  # before any compute: an unusable -o fails at once
-        for (path, _name), paths in zip(cases, plans):  # before any scan is read: shapes from the headers
-            shape = _declared_shape(path, self.plan.data_dims)
-            if shape is not None:
-                self.check_free_space(paths, shape)
-        with (
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-read") as reader,
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-write") as writer,
-            concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="medseg-hash") as hasher,
-        ):
-            writes: list[tuple[concurrent.futures.Future, int]] = []  # (write, its outputs' size bound)
-
-            def read(i: int) -> concurrent.futures.Future:
-                return reader.submit(
-                    self._prepare, cases[i][0], series_uid, hash_pool=hasher, resample_tilt=resample_tilt
+        if isinstance(out_dir, OutputSpec):
+            if outputs:
+                raise ConfigError(
+                    f"predict_many got an OutputSpec and {', '.join(sorted(outputs))}: set them in the OutputSpec."
                 )
-
-            # A scan is read in the reader thread only to overlap with the network on the previous
-            # one; otherwise (the first scan, prefetch=False) in this thread: nothing to overlap
-            # with, and a scan read in a worker thread leaves its transient read buffers in that
-            # thread's malloc arena (+0.3-0.5 GB peak RSS on a 512 x 512 x 1000 CT).
-            upcoming: concurrent.futures.Future | None = None
-            for i, (path, name) in enumerate(cases):
-                if upcoming is not None:
-                    prepared = upcoming.result()
-                else:
-                    prepared = self._prepare(path, series_uid, hash_pool=hasher, resample_tilt=resample_tilt)
-                upcoming = read(i + 1) if prefetch and i + 1 < len(cases) else None
-                for done, _size in writes:  # surface a failed write before going on
-                    if done.done():
-                        done.result()
-                # the disk may have filled since the start: check again before the network runs
-                shape = prepared.volume.geometry.shape
-                self.check_free_space(plans[i], shape, pending=sum(size for f, size in writes if not f.done()))
-                log.info("segmenting %s (%d/%d)", name, i + 1, len(cases))
-                prediction = self._finish(prepared, probabilities=probabilities)
-                _make_output_dir(plans[i]["mask"].parent)
-                write = writer.submit(
-                    self.write, prediction, plans[i], volume=prepared.volume, overwrite=overwrite, anonymize=anonymize,
-                    dicom_seg_type=dicom_seg_type,
-                )
-                writes.append((write, sum(self.output_bytes(plans[i], shape).values())))
-                del prepared, prediction
-            return [f.result() for f, _size in writes]
-
-
-def _declared_shape(path: Path, data_dims: int) -> tuple[int, ...] | None:
-    """Spatial shape a scan file's header declares, without reading its voxels (None: not known).
-
-    NIfTI headers are read with nibabel, MetaImage/NRRD headers with SimpleITK;
-    DICOM folders and unreadable headers give None (the reader reports those).
-    """
-    lower = path.name.lower()
-    try:
-        if path.is_file() and lower.endswith(NIFTI_SUFFIXES):
-            import nibabel as nib
-
-            shape = tuple(int(s) for s in nib.load(path).header.get_data_shape())
-        elif path.is_file() and lower.endswith((".mha", ".mhd", ".nrrd", ".nhdr")):
-            import SimpleITK as sitk
-
-            reader = sitk.ImageFileReader()
-            reader.SetFileName(str(path))
-            reader.ReadImageInformation()
-            shape = tuple(int(s) for s in reader.GetSize())
+            spec = out_dir
         else:
-            return None
-    except Exception:  # a broken header is reported by the reader, with its own message
-        return None
-    return shape[:data_dims] if len(shape) >= data_dims else None
+            spec = OutputSpec(Path(out_dir), **outputs)
+        return predict_many(self, scans, spec, series_uid=series_uid, resample_tilt=resample_tilt, prefetch=prefetch)
 
-
-def _check_output_dir(folder: Path) -> None:
-    """Refuse an output folder that cannot be created or written, without creating it."""
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputWriteError(f"cannot write into {folder}: {existing} is a file, not a folder; pass another -o/--output.")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputWriteError(f"cannot write into {folder}: {existing} is not writable; pass another -o/--output.")
-
-
-def _make_output_dir(folder: Path) -> None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputWriteError(
-            f"cannot create the output folder {folder}: {err.strerror or err}; pass another -o/--output."
-        ) from err
-
-
-def plan_outputs(
-    cases: Sequence[tuple[Path, str]],
-    out_dir: str | os.PathLike,
-    *,
-    probabilities: bool = False,
-    statistics: bool = False,
-    preview: bool = False,
-    overwrite: bool = False,
-    mask_path: str | os.PathLike | None = None,
-    formats: Sequence[str] = ("nifti",),
-) -> list[dict[str, Path]]:
-    """Output paths of every case (see :func:`output_paths`), checked before any work starts.
-
-    Raises:
-        ConfigError: ``mask_path`` with more than one case.
-        OutputExistsError: an output exists (without ``overwrite``) or would land on an input.
-    """
-    if mask_path is not None and len(cases) != 1:
-        raise ConfigError(f"an output file name ({mask_path}) needs exactly one input; got {len(cases)}.")
-    plans = []
-    for path, name in cases:
-        paths = output_paths(
-            name, out_dir, probabilities=probabilities, statistics=statistics, preview=preview, mask_path=mask_path,
-            formats=formats, source=path,
-        )
-        for p in paths.values():
-            _check_planned_output(p, path, overwrite=overwrite)
-        plans.append(paths)
-    return plans
-
-
-def _check_planned_output(path: Path, source: Path, *, overwrite: bool) -> None:
-    """Refuse an output that would land on the input or replace a file without ``overwrite``."""
-    resolved, src = path.resolve(), source.resolve()
-    if resolved == src or (src.is_dir() and src in resolved.parents):
-        raise OutputExistsError(f"output {path} would write onto the input {source}; choose another -o folder.")
-    if path.exists() and not overwrite:
-        raise OutputExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it.")

@@ -68,9 +68,13 @@ Precision
     Convolutions run in float32 on the CPU (never autocast there: fp16/bf16
     kernels crash some CPUs); on CUDA under ``torch.autocast(float16)``.
 
+The settings that shape the result (overlap, batch size, mirroring, window
+skipping, streaming, where the accumulators live) travel together as one frozen
+:class:`WindowOptions`.
+
 Example::
 
-    logits = predict_logits(net, case.image, plan, overlap=0.5, batch_size=4)
+    logits = predict_logits(net, case.image, plan, WindowOptions(overlap=0.5, batch_size=4))
     mask = logits.argmax(0)
 """
 
@@ -88,7 +92,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from medseg.errors import GeometryError
+from medseg.errors import ConfigError, GeometryError
 from medseg.settings import check_overlap
 
 if TYPE_CHECKING:
@@ -101,6 +105,7 @@ __all__ = [
     "BACKGROUND_MARGIN",
     "CT_BODY_THRESHOLD_HU",
     "WindowLayout",
+    "WindowOptions",
     "body_mask_from_image",
     "gaussian_importance",
     "iter_logit_slabs",
@@ -115,6 +120,46 @@ log = logging.getLogger(__name__)
 CT_BODY_THRESHOLD_HU = -500.0
 #: Logit gap between background and every other class where no window was computed.
 BACKGROUND_MARGIN = 10.0
+
+
+# --------------------------------------------------------------------------- options
+
+
+@dataclass(frozen=True)
+class WindowOptions:
+    """How the sliding window runs (one object instead of the same keywords in every signature).
+
+    Attributes:
+        overlap: fraction of overlap between neighbouring windows, in [0, 1).
+        batch_size: windows per forward pass.
+        tta: average over mirroring along every combination of the network's axes
+            (8 passes in 3D, 4 in 2D).
+        skip_empty: skip windows without a body voxel (rule in the module docstring).
+        stream: accumulate in a ring one window long along the stream axis
+            (bounded memory) instead of over the whole volume; same result.
+        accumulate: where the accumulators live: ``auto`` (GPU when they fit), ``device``, ``cpu``.
+
+    Raises:
+        ConfigError: an overlap outside [0, 1) or a batch size below 1.
+    """
+
+    overlap: float = 0.5
+    batch_size: int = 2
+    tta: bool = False
+    skip_empty: bool = True
+    stream: bool = True
+    accumulate: Literal["auto", "device", "cpu"] = "auto"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overlap", check_overlap(self.overlap))
+        if int(self.batch_size) < 1:
+            raise ConfigError(f"batch size must be >= 1, got {self.batch_size}.")
+        object.__setattr__(self, "batch_size", int(self.batch_size))
+        object.__setattr__(self, "tta", bool(self.tta))
+        object.__setattr__(self, "skip_empty", bool(self.skip_empty))
+        object.__setattr__(self, "stream", bool(self.stream))
+        if self.accumulate not in ("auto", "device", "cpu"):
+            raise ConfigError(f"accumulate must be auto, device or cpu, got {self.accumulate!r}.")
 
 
 # --------------------------------------------------------------------------- window layout
@@ -324,15 +369,10 @@ def iter_logit_slabs(
     network: nn.Module,
     image: np.ndarray | torch.Tensor,
     plan: Plan,
+    options: WindowOptions | None = None,
     *,
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    tta: bool = False,
     device: str | torch.device | None = None,
-    skip_empty: bool = True,
     body_mask: np.ndarray | None = None,
-    stream: bool = True,
-    accumulate: Literal["auto", "device", "cpu"] = "auto",
     progress: bool = False,
     timings: dict[str, float] | None = None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
@@ -346,15 +386,13 @@ def iter_logit_slabs(
     """
     import torch
 
-    check_overlap(overlap)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    options = options or WindowOptions()
     device = torch.device(device) if device is not None else _network_device(network)
     img = image if isinstance(image, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(image))
     img = img.float()
     if img.ndim < 3:
         raise GeometryError(f"image must be channel-first (C, *spatial), got shape {tuple(img.shape)}.")
-    layout = plan_windows(img.shape[1:], plan, overlap)
+    layout = plan_windows(img.shape[1:], plan, options.overlap)
     expected_channels = plan.image_channels if layout.slice_axis is not None else plan.in_channels
     if img.shape[0] != expected_channels:
         raise GeometryError(
@@ -362,7 +400,7 @@ def iter_logit_slabs(
             "pass one channel per modality the model was trained on."
         )
     body = None
-    if skip_empty:
+    if options.skip_empty:
         if body_mask is None:
             body = body_mask_from_image(img, plan)
         else:
@@ -370,8 +408,7 @@ def iter_logit_slabs(
             if body.shape != layout.shape:
                 raise GeometryError(f"body_mask shape {body.shape} != image spatial shape {layout.shape}.")
     yield from _iter_layout(
-        network, img, plan, layout, body, batch_size=batch_size, tta=tta, device=device, stream=stream,
-        accumulate=accumulate, progress=progress, timings=timings,
+        network, img, plan, layout, body, options, device=device, progress=progress, timings=timings
     )
 
 
@@ -381,17 +418,16 @@ def _iter_layout(
     plan: Plan,
     layout: WindowLayout,
     body: np.ndarray | None,
+    options: WindowOptions,
     *,
-    batch_size: int,
-    tta: bool,
     device,
-    stream: bool,
-    accumulate: str,
     progress: bool,
     timings: dict[str, float] | None,
 ) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Slabs of one window layout over ``img`` (unpadded ``(C, *layout.shape)``); ``body`` skips windows."""
     import torch
+
+    batch_size, stream = options.batch_size, options.stream
 
     dims = len(layout.shape)
     # pad axes shorter than the window with 0, as training pads its patches (normalised units)
@@ -410,10 +446,10 @@ def _iter_layout(
     ring_len = max(layout.window[sa], min(batch_size, len(layout.starts[sa]))) if stream else layout.padded[sa]
     rest = [p for a, p in enumerate(layout.padded) if a != sa]
     ring_bytes = (k_classes + 1) * 4 * ring_len * math.prod(rest)
-    acc_device = _choose_accumulator_device(device, ring_bytes, accumulate)
+    acc_device = _choose_accumulator_device(device, ring_bytes, options.accumulate)
     gauss = gaussian_importance(layout.window, device=acc_device)
     flips = [()]
-    if tta:
+    if options.tta:
         axes = [2 + a for a in layout.net_axes]
         flips = [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
@@ -582,15 +618,10 @@ def predict_logits(
     network: nn.Module,
     image: np.ndarray | torch.Tensor,
     plan: Plan,
+    options: WindowOptions | None = None,
     *,
-    overlap: float = 0.5,
-    batch_size: int = 2,
-    tta: bool = False,
     device: str | torch.device | None = None,
-    skip_empty: bool = True,
     body_mask: np.ndarray | None = None,
-    stream: bool = True,
-    accumulate: Literal["auto", "device", "cpu"] = "auto",
     out_dtype: torch.dtype | None = None,
     progress: bool = False,
     timings: dict[str, float] | None = None,
@@ -603,16 +634,10 @@ def predict_logits(
         image: ``(C, *spatial)`` float image on the plan grid (``C =
             plan.image_channels``; for a model with matching dims ``C = plan.in_channels``).
         plan: gives ``patch_size``, the number of classes, 2D slicing and the normalisation.
-        overlap: fraction of overlap between neighbouring windows, in [0, 1).
-        batch_size: windows per forward pass.
-        tta: average over mirroring along every combination of the network's axes
-            (8 passes in 3D, 4 in 2D).
+        options: overlap, batch size, mirroring TTA, window skipping, streaming and
+            accumulator placement (:class:`WindowOptions`; default ``WindowOptions()``).
         device: where the network runs; ``None``: the network's device.
-        skip_empty: skip windows without a body voxel (rule in the module docstring).
         body_mask: boolean ``spatial`` mask that replaces the default body rule.
-        stream: accumulate in a ring one window long along the stream axis
-            (bounded memory) instead of over the whole volume; same result.
-        accumulate: where the accumulators live: ``auto`` (GPU when they fit), ``device``, ``cpu``.
         out_dtype: dtype of the returned tensor (default float32; float16 halves its memory).
         progress: show a progress bar.
         timings: if given, receives ``network_s``, ``windows`` and ``skipped_windows``.
@@ -625,29 +650,18 @@ def predict_logits(
     """
     import torch
 
+    options = options or WindowOptions()
     out_dtype = out_dtype or torch.float32
     shape = tuple((image.shape if hasattr(image, "shape") else np.shape(image))[1:])
     layout_axis = None
     out = None
     for start, stop, slab in iter_logit_slabs(
-        network,
-        image,
-        plan,
-        overlap=overlap,
-        batch_size=batch_size,
-        tta=tta,
-        device=device,
-        skip_empty=skip_empty,
-        body_mask=body_mask,
-        stream=stream,
-        accumulate=accumulate,
-        progress=progress,
-        timings=timings,
+        network, image, plan, options, device=device, body_mask=body_mask, progress=progress, timings=timings
     ):
         if out is None:
             out = torch.empty((slab.shape[0], *shape), dtype=out_dtype)
             # the stream axis is the one where the slab is shorter than (or equal to) the image
-            layout_axis = plan_windows(shape, plan, overlap).stream_axis
+            layout_axis = plan_windows(shape, plan, options.overlap).stream_axis
         index = [slice(None)] * len(shape)
         index[layout_axis] = slice(start, stop)
         out[(slice(None), *index)] = slab.to("cpu", dtype=out_dtype)

@@ -842,10 +842,12 @@ class Trainer:
         )
 
 
-def _default_predict(network: nn.Module, image: Any, plan: Plan, **kwargs: Any) -> torch.Tensor:
-    from medseg.inference.sliding_window import predict_logits
+def _default_predict(
+    network: nn.Module, image: Any, plan: Plan, *, overlap: float, batch_size: int, device: Any
+) -> torch.Tensor:
+    from medseg.inference.sliding_window import WindowOptions, predict_logits
 
-    return predict_logits(network, image, plan, tta=False, **kwargs)
+    return predict_logits(network, image, plan, WindowOptions(overlap=overlap, batch_size=batch_size), device=device)
 
 
 def _overlay(image: Any, label: np.ndarray, pred: np.ndarray) -> np.ndarray:
