@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 
@@ -14,7 +15,7 @@ from inference_support import make_plan, save_model
 
 from medseg.config import InferConfig
 from medseg.data.preprocess import preprocess_case
-from medseg.errors import CheckpointError, ConfigError, GeometryError, ScanReadError
+from medseg.errors import CheckpointError, ConfigError, GeometryError, OutputExistsError, ScanReadError
 from medseg.inference.jobs import collect_inputs
 from medseg.inference.outputs import OutputSpec
 from medseg.inference.postprocess import keep_largest_component, parse_postprocess, remove_small_components
@@ -209,3 +210,27 @@ def test_case_names_come_from_files_and_folders_never_tags(tmp_path):
         collect_inputs([tmp_path / "scans", tmp_path / "other"])
     paths = OutputSpec(tmp_path, mask_path=tmp_path / "liver.nii.gz", statistics=True).paths("a")
     assert paths["mask"].name == "liver.nii.gz" and paths["statistics"].name == "liver_stats.json"
+
+
+def test_output_spec_names_every_kind_and_refuses_outputs_on_inputs_before_any_work(tmp_path):
+    spec = OutputSpec.to(tmp_path / "out", probabilities=True, statistics=True, preview=True, formats="dicom-seg")
+    assert spec.mask_path is None and spec.formats == ("nifti", "dicom-seg")
+    assert {k: p.name for k, p in spec.paths("ct1").items()} == {
+        "mask": "ct1_mask.nii.gz", "probabilities": "ct1_probs.nii.gz", "statistics": "ct1_stats.json",
+        "statistics_csv": "ct1_stats.csv", "preview": "ct1_preview.png", "provenance": "ct1_provenance.json",
+        "dicom_seg": "ct1_seg.dcm",
+    }
+    single = OutputSpec.to(tmp_path / "liver.nii.gz")
+    assert single.mask_path == tmp_path / "liver.nii.gz" and single.out_dir == tmp_path
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.overwrite = True  # type: ignore[misc]
+    dicom = tmp_path / "series"
+    dicom.mkdir()
+    (dicom / "IM1").write_bytes(b"x")
+    with pytest.raises(OutputExistsError, match="would write onto the input"):
+        OutputSpec(dicom).plan([(dicom, "series")])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "ct1_provenance.json").write_text("{}")
+    with pytest.raises(OutputExistsError, match=r"ct1_provenance.json exists; pass --overwrite"):
+        OutputSpec(tmp_path / "out").plan([(tmp_path / "ct1.nii.gz", "ct1")])
+    assert OutputSpec(tmp_path / "out", overwrite=True).plan([(tmp_path / "ct1.nii.gz", "ct1")])[0]["mask"].parent.name == "out"

@@ -223,3 +223,15 @@ def test_network_with_wrong_class_count_is_reported():
     plan = make_plan(num_classes=3)
     with pytest.raises(GeometryError, match="returned 2 classes but the plan has 3"):
         predict_logits(ThresholdNet(3, 1, 2), torch.zeros(1, 16, 16, 16), plan, WindowOptions(skip_empty=False))
+
+
+def test_window_options_are_checked_once_where_they_are_made():
+    from medseg.errors import ConfigError
+
+    assert WindowOptions(overlap=0, batch_size="3").batch_size == 3  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"overlap must be in \[0, 1\), got 1.0"):
+        WindowOptions(overlap=1.0)
+    with pytest.raises(ConfigError, match="batch size must be >= 1, got 0"):
+        WindowOptions(batch_size=0)
+    with pytest.raises(ConfigError, match="accumulate must be auto, device or cpu, got 'gpu'"):
+        WindowOptions(accumulate="gpu")  # type: ignore[arg-type]
