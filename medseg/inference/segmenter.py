@@ -209,9 +209,9 @@ class Segmenter:
             overlap, batch_size, postprocess, skip_empty_windows: override the model's defaults.
             build_model: custom ``(name, plan, options) -> nn.Module`` for networks
                 outside the registry.
-            backend: ``auto`` (default: OpenVINO on the CPU when installed and it reproduces
-                PyTorch, else PyTorch), ``torch``, ``channels-last``, ``compile``,
-                ``onnxruntime`` or ``openvino`` (``medseg.inference.backends``).
+            backend: ``auto`` (default: PyTorch, see ``medseg.inference.backends.AUTO_ORDER``),
+                ``torch``, ``channels-last``, ``compile``, ``onnxruntime`` or ``openvino``
+                (1.5x faster on CPUs, masks within 0.999 Dice; ``medseg.inference.backends``).
 
         Raises:
             CheckpointError: no model there, corrupt weights, folds with different plans.
