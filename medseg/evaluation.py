@@ -45,9 +45,8 @@ from medseg.errors import (
     GeometryError,
     MedsegError,
     OutputExistsError,
-    OutputWriteError,
 )
-from medseg.io.atomic import write_text_atomic
+from medseg.io.atomic import make_folder, write_text_atomic
 from medseg.io.formats import MASK_SUFFIXES, strip_suffix
 from medseg.records import json_safe
 
@@ -506,13 +505,7 @@ class EvaluationReport:
         out = Path(output_dir)
         targets = _report_paths(out, lesions=bool(self.settings.get("lesion")))
         _check_targets(targets, overwrite=overwrite)
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputWriteError(
-                f"cannot create the evaluation report folder {out} ({err.strerror or err}); "
-                "choose another output folder with -o."
-            ) from err
+        make_folder(out, "evaluation report folder")
         write_text_atomic(self.csv_text(), targets[0], overwrite=overwrite)
         write_text_atomic(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n", targets[1], overwrite=overwrite)
         self.csv_path, self.summary_path = targets[0], targets[1]

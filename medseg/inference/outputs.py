@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 from medseg.errors import ConfigError, OutputWriteError
 from medseg.inference.dicom_outputs import check_output_formats, output_size_bound, parse_formats
 from medseg.inference.provenance import anonymize_provenance, check_output_path, write_json_atomic
+from medseg.io.atomic import make_folder
 from medseg.io.formats import MASK_IMAGE_SUFFIXES, MASK_SUFFIXES, NIFTI_SUFFIXES, has_suffix, strip_suffix
 from medseg.io.images2d import is_image_path
 
@@ -212,13 +213,7 @@ class OutputSpec:
         Raises:
             OutputWriteError: it cannot be created.
         """
-        folder = paths["mask"].parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise OutputWriteError(
-                f"cannot create the output folder {folder}: {err.strerror or err}; pass another -o/--output."
-            ) from err
+        make_folder(paths["mask"].parent, "output folder")
 
     # ----------------------------------------------------------------- writing
     def write(self, prediction: Prediction, paths: dict[str, Path], *, volume: Volume | None = None) -> dict[str, Path]:

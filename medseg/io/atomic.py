@@ -62,6 +62,7 @@ __all__ = [
     "dir_mode",
     "file_mode",
     "fsync_dir",
+    "make_folder",
     "refuse_output_over_inputs",
     "write_bytes_atomic",
     "write_json_atomic",
@@ -143,6 +144,22 @@ def write_json_atomic(data: Any, path: str | os.PathLike, *, overwrite: bool = F
     """
     text = json.dumps(data, indent=2, default=_jsonable) + "\n"
     return write_text_atomic(text, path, overwrite=overwrite)
+
+
+def make_folder(path: str | os.PathLike, what: str) -> Path:
+    """Create the output folder ``path`` (and its parents) if it is missing.
+
+    Raises:
+        OutputWriteError: it cannot be created, naming ``what`` (e.g. ``"run folder"``) and the path.
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(
+            f"cannot create the {what} {path}: {err.strerror or err}; pass another -o/--output folder."
+        ) from err
+    return path
 
 
 @contextmanager

@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medseg.config import Config, apply_override, config_from_dict, load_config, save_config
-from medseg.errors import ConfigError, DatasetError, OutputWriteError
-from medseg.io.atomic import clean_stale_temps, refuse_output_over_inputs, write_json_atomic
+from medseg.errors import ConfigError, DatasetError
+from medseg.io.atomic import clean_stale_temps, make_folder, refuse_output_over_inputs, write_json_atomic
 from medseg.records import json_safe
 from medseg.training.trainer import CHECKPOINT_LAST
 
@@ -496,7 +496,7 @@ def _write_run_files(
     from medseg.data.plan import save_plan
     from medseg.data.splits import save_splits
 
-    _make_dir(run_dir)
+    make_folder(run_dir, "run folder")
     save_config(cfg, run_dir / "config.yaml")
     save_plan(plan, run_dir / "plan.json")
     save_splits(splits, run_dir / "splits.json")
@@ -504,15 +504,6 @@ def _write_run_files(
     _write_json(run_dir / "labels.json", labels)
     if fingerprint is not None:
         _write_json(run_dir / "fingerprint.json", fingerprint.to_dict())
-
-
-def _make_dir(path: Path) -> None:
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputWriteError(
-            f"cannot create the run folder {path}: {err.strerror or err}; pass another -o/--output folder."
-        ) from err
 
 
 def _write_json(path: Path, data: Any) -> None:
