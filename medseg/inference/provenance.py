@@ -26,7 +26,11 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import OutputExistsError, OutputWriteError
-from medseg.io.atomic import write_bytes_atomic, write_json_atomic  # re-exported for older imports
+from medseg.io.atomic import (  # write_*: re-exported
+    refuse_output_over_inputs,
+    write_bytes_atomic,
+    write_json_atomic,
+)
 
 __all__ = [
     "ANONYMOUS_HASH_DIGITS",
@@ -152,11 +156,8 @@ def check_output_path(
         OutputWriteError: the folder is missing (with ``need_folder``).
     """
     path = Path(path)
-    resolved = path.resolve()
     for source in inputs:
-        src = Path(source).resolve()
-        if resolved == src or (src.is_dir() and src in resolved.parents):
-            raise OutputExistsError(f"output {path} would write onto the input {source}; choose another -o folder.")
+        refuse_output_over_inputs(path, {"input": source}, what="output", around=False)
     if path.exists() and not overwrite:
         raise OutputExistsError(f"output {path} exists; pass --overwrite (overwrite=True) to replace it.")
     if need_folder and not path.parent.is_dir():

@@ -260,8 +260,8 @@ def refuse_output_over_inputs(
         else:
             continue
         raise OutputExistsError(
-            f"{what} {output} {relation} the {label} {path}; medseg never writes over or into its inputs "
-            f"(not even with --overwrite). Choose a {what} outside {source}."
+            f"{what} {output} {relation} the {label} {path}: it would write onto the input; medseg never writes "
+            f"over or into its inputs (not even with --overwrite). Choose another {what} outside {source}."
         )
 
 
