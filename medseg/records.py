@@ -46,10 +46,11 @@ def read_json(path: str | Path, error: type[MedsegError], what: str, remedy: str
         return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise error(
-            f"{what} {path} is not valid JSON: {err.msg} at line {err.lineno}, column {err.colno}.{tail}"
+            f"{what} {path} is unreadable: {path.name} is not valid JSON: {err.msg} at line {err.lineno}, "
+            f"column {err.colno}.{tail}"
         ) from err
     except (OSError, UnicodeDecodeError) as err:
-        raise error(f"cannot read {what} {path}: {err}.{tail}") from err
+        raise error(f"{what} {path} is unreadable: {err}.{tail}") from err
 
 
 def json_safe(value: Any) -> Any:

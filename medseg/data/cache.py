@@ -37,7 +37,7 @@ from medseg.data.plan import Plan
 from medseg.data.preprocess import PREPROCESS_VERSION, PreprocessRecord, preprocess_case
 from medseg.errors import DatasetError
 from medseg.io.atomic import atomic_path
-from medseg.records import field_problems
+from medseg.records import field_problems, read_json
 
 __all__ = ["CACHE_FORMAT_VERSION", "LOCATIONS_PER_CLASS", "CachedCase", "PreprocessedCache", "plan_cache_key"]
 
@@ -195,10 +195,7 @@ class PreprocessedCache:
             DatasetError: unreadable, not JSON, or a field missing or of the wrong type (named).
         """
 
-        try:
-            meta = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise DatasetError(f"cache entry {path} is unreadable ({err}). {self._remedy()}") from err
+        meta = read_json(path, DatasetError, "cache entry", self._remedy())
         problems = field_problems(CacheEntryRecord, meta)
         if problems:
             raise DatasetError(f"cache entry {path} is damaged: {'; '.join(problems)}. {self._remedy()}")
