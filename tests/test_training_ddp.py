@@ -117,9 +117,9 @@ TRAINER_SCRIPT = textwrap.dedent(
     cfg = config_from_dict({"train": {"max_epochs": 2, "iterations_per_epoch": 3, "deterministic": True}})
     model = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1))
     trainer = Trainer(
-        model=model, loss_fn=lambda logits, y: F.cross_entropy(logits, y[:, 0]), plan=plan, config=cfg,
-        fold_dir=out / "fold", batches=batches, val_cases=[], device=device, fold=0, model_name="tiny",
-        model_options={}, dist=info,
+        model=model, loss_fn=lambda logits, y: F.cross_entropy(logits, y[:, 0]), plan=plan, train=cfg.train,
+        infer=cfg.infer, fold_dir=out / "fold", batches=batches, val_cases=[], device=device, fold=0,
+        model_name="tiny", model_options={}, dist=info,
     )
     assert trainer.fit().status == "completed"
     torch.save(model.state_dict(), out / f"weights_{data}_{info.rank}.pt")

@@ -46,7 +46,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -72,8 +72,8 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from medseg.config import Config
     from medseg.data.plan import Plan
+    from medseg.settings import InferConfig, TrainConfig
 
 __all__ = ["CHECKPOINT_LAST", "FitResult", "Trainer", "ValCase", "learning_rate_at"]
 
@@ -195,7 +195,10 @@ class Trainer:
         model: the network (its ``state_dict`` keys must not depend on the device).
         loss_fn: ``loss_fn(logits_or_list, target (B, 1, *patch) int64) -> scalar``.
         plan: the plan (labels, patch size, sliding-window settings).
-        config: the resolved config (``train``, ``infer`` and ``model`` sections are used).
+        train: the ``train`` section (the loop, optimizer, budget, device settings).
+        infer: the ``infer`` section (sliding-window settings of validation and the model folder).
+        config_record: the whole resolved config as a dict, kept in checkpoints for reference
+            (default: the two sections).
         fold_dir: where checkpoints, logs and model folders are written.
         batches: ``batches(epoch, start) -> iterable of {"image": (B, C, *patch), "label": (B, 1, *patch)}``:
             the epoch's batches from step ``start`` on (``iterations_per_epoch - start`` or more),
@@ -218,7 +221,9 @@ class Trainer:
         model: nn.Module,
         loss_fn: Callable[..., torch.Tensor],
         plan: Plan,
-        config: Config,
+        train: TrainConfig,
+        infer: InferConfig,
+        config_record: Mapping[str, Any] | None = None,
         fold_dir: str | Path,
         batches: Callable[[int, int], Iterable[dict[str, torch.Tensor]]],
         val_cases: Sequence[ValCase],
@@ -237,8 +242,10 @@ class Trainer:
         self.model = model.to(device)
         self.loss_fn = loss_fn
         self.plan = plan
-        self.config = config
-        self.cfg = config.train
+        self.cfg = train
+        self.infer = infer
+        self.config_record = dict(config_record) if config_record is not None else {
+            "train": dataclasses.asdict(train), "infer": dataclasses.asdict(infer)}
         if self.cfg.compile and device.type == "cpu" and not any(
             shutil.which(c) for c in ("c++", "g++", "clang++", "cl")
         ):
@@ -335,7 +342,7 @@ class Trainer:
                 self.checkpoint_path,
                 {
                     "identity": self.identity,
-                    "config": self.config.to_dict(),
+                    "config": self.config_record,
                     "seed": self.cfg.seed,
                     "epoch": self.state.epoch,
                     "iteration": self.state.iteration,
@@ -759,10 +766,10 @@ class Trainer:
 
         from medseg.inference.sliding_window import plan_windows
 
-        overlap = self.config.infer.overlap
+        overlap = self.infer.overlap
         mine = self.val_cases[self.dist.rank :: self.dist.world_size] or self.val_cases[:1]
         windows = sum(plan_windows(tuple(np.shape(c.image)[1:]), self.plan, overlap).num_windows for c in mine)
-        batch = max(1, int(self.config.infer.batch_size))
+        batch = max(1, int(self.infer.batch_size))
         x = torch.zeros((batch, self.plan.in_channels, *self.plan.patch_size), device=self.device)
         self.model.eval()
         with torch.inference_mode():
@@ -794,8 +801,8 @@ class Trainer:
                     self.model,
                     image,
                     self.plan,
-                    overlap=self.config.infer.overlap,
-                    batch_size=self.config.infer.batch_size,
+                    overlap=self.infer.overlap,
+                    batch_size=self.infer.batch_size,
                     device=self.device,
                 )
                 pred = logits.argmax(0).cpu().numpy()
@@ -826,7 +833,7 @@ class Trainer:
             model_name=self.model_name,
             model_options=self.model_options,
             plan=self.plan,
-            infer_config=self.config.infer,
+            infer_config=self.infer,
             fold=self.fold,
             volume_ranges=self.volume_ranges,
             training_info={
