@@ -35,6 +35,8 @@ share this machine's CPU.
   before the loop (image ~ N(0, 1), labels uniform over the classes: dense convolutions cost
   the same whatever the values), so nothing but the step is timed. medseg's share of time
   outside the network is ``1 - plain / medseg`` seconds per step.
+* **medseg-compile**: the medseg arm with ``train.compile=true`` (its last epoch is timed,
+  after the first one compiled).
 * **plain-channels-last**, **plain-compile**: the plain loop with ``channels_last(_3d)``
   memory format, or with ``torch.compile`` (inductor; its compile time is reported apart,
   in the warm-up steps). Their losses are compared step by step with the plain loop's
@@ -121,7 +123,7 @@ def worker_medseg(args: argparse.Namespace) -> dict:
     logging.basicConfig(level=logging.WARNING)
     work = Path(args.work)
     run = medseg.train(
-        work / "CTOrgans", args.config, output_dir=work / "runs" / f"medseg_{args.round}", fold="all",
+        work / "CTOrgans", args.config, output_dir=work / "runs" / f"{args.worker}_{args.round}", fold="all",
         overrides=_overrides(args),
     )
     with open(run.run_dir / "fold_all" / "metrics.csv", newline="") as fh:
@@ -309,7 +311,8 @@ def main() -> int:
     parser.add_argument("--set", nargs="*", default=[], help="config overrides for both loops")
     parser.add_argument("--arms", default="medseg,plain,monai,plain-channels-last,plain-compile",
                         help="loops to run (medseg always runs: it writes the plan)")
-    parser.add_argument("--worker", choices=["medseg", "monai", *PLAIN_VARIANTS], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["medseg", "medseg-compile", "monai", *PLAIN_VARIANTS],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.workers is None:
@@ -317,7 +320,9 @@ def main() -> int:
 
         args.workers = default_num_workers()
     if args.worker:
-        if args.worker == "medseg":
+        if args.worker in ("medseg", "medseg-compile"):
+            if args.worker == "medseg-compile":  # the opt-in train.compile through medseg.train
+                args.set = [*args.set, "train.compile=true"]
             result = worker_medseg(args)
         elif args.worker == "monai":
             result = worker_monai(args)
@@ -347,7 +352,7 @@ def main() -> int:
           f"patch {results['medseg']['patch']} x batch {results['medseg']['batch']}, {args.iterations} timed steps")
     print(f"load average before: {load_before}, after: {os.getloadavg()[0]:.1f} (other jobs share this CPU); "
           f"best of {args.rounds} alternating rounds")
-    labels = {"medseg": "medseg", "monai": "MONAI tutorial", "plain": "plain loop", **{
+    labels = {"medseg": "medseg", "medseg-compile": "medseg, train.compile", "monai": "MONAI tutorial", "plain": "plain loop", **{
         a: a for a in PLAIN_VARIANTS if a != "plain"}}
     print("| loop | s/step | patches/s | data wait | step compute s | peak RSS MB | x medseg speed | "
           "max rel. loss diff vs plain | warm-up s |")
