@@ -17,11 +17,13 @@
 logits within float32 tolerance on real scans; today that is only ``torch`` itself:
 OpenVINO is 1.5x faster but differs by up to 3e-3 of the largest logit on real scans
 (0.01-0.05 % of the voxels change label), ``compile`` reproduces eager but its set-up
-(8-65 s) outweighs its 1.1x, so both are opt-in. Every backend but ``torch`` is checked when it is set
-up: its logits on a fixed pseudo-random batch of windows must match PyTorch
-eager's within :data:`LOGITS_ATOL` (relative to the largest |logit| when above 1). An explicitly asked-for backend that fails
-the check (or cannot be set up) is refused with an error; ``auto`` logs why and
-tries the next one. Nothing is written to disk: the ONNX graph is exported into
+(8-65 s) outweighs its 1.1x, so both are opt-in.
+
+Every backend but ``torch`` is checked when it is set up: its logits on a fixed
+pseudo-random batch of windows must match PyTorch eager's within :data:`LOGITS_ATOL`
+(relative to the largest |logit| when above 1); a guard against a broken export, not a
+proof of equality on real scans. An explicitly asked-for backend that fails the check
+(or cannot be set up) is refused with an error; ``auto`` logs why and tries the next one. Nothing is written to disk: the ONNX graph is exported into
 memory and handed to the runtime as bytes.
 
 All backends compute in float32. OpenVINO's CPU plugin would otherwise pick
