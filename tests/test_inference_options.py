@@ -222,7 +222,7 @@ def test_output_spec_names_every_kind_and_refuses_outputs_on_inputs_before_any_w
     }
     single = OutputSpec.to(tmp_path / "liver.nii.gz")
     assert single.mask_path == tmp_path / "liver.nii.gz" and single.out_dir == tmp_path
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(dataclasses.FrozenInstanceError, match="cannot assign to field 'overwrite'"):
         spec.overwrite = True  # type: ignore[misc]
     dicom = tmp_path / "series"
     dicom.mkdir()
