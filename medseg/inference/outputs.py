@@ -180,11 +180,8 @@ class OutputSpec:
         for inputs, name in cases:
             sources = (Path(inputs),) if isinstance(inputs, (str, os.PathLike)) else tuple(Path(p) for p in inputs)
             paths = self.paths(name, sources[0])
-            for p in paths.values():
-                check_output_path(p, overwrite=True, inputs=sources, need_folder=False)  # never onto an input
-            if check_existing:
-                for p in paths.values():
-                    check_output_path(p, overwrite=self.overwrite, need_folder=False)
+            for p in paths.values():  # never onto an input; an existing file only with overwrite (or resume)
+                check_output_path(p, overwrite=self.overwrite or not check_existing, inputs=sources, need_folder=False)
             plans.append(paths)
         return plans
 
